@@ -1,0 +1,34 @@
+"""decompose: data-free Network Decoupling of trained PyTorch convolutions.
+
+Public API::
+
+    decompose_(model, config)   # in place; returns a Report
+    decompose(model, config)    # on a copy; returns (model, Report)
+    plan(model, config)         # dry run; returns a Report
+    DecoupleConfig(rank=..., energy=..., target_macs=..., target_params=..., order=...)
+    load(path) / load_model(path, arch=..., allow=..., trust=...) / save_model(model, path)
+"""
+
+from .api import apply_plan, decompose, decompose_, plan
+from .config import DecoupleConfig
+from .errors import DecomposeError
+from .io import load, load_model, save_model
+from .layers import decouple_conv, is_decoupled
+from .report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecomposeError",
+    "DecoupleConfig",
+    "Report",
+    "apply_plan",
+    "decompose",
+    "decompose_",
+    "decouple_conv",
+    "is_decoupled",
+    "load",
+    "load_model",
+    "plan",
+    "save_model",
+]

@@ -1,0 +1,104 @@
+"""The Python API: one in-place verb with a config, and a dry run.
+
+    import decompose
+    report = decompose.decompose_(model, decompose.DecoupleConfig(rank=2))
+    print(report)                  # per-layer table
+    report.to_dict()["totals"]     # JSON-able numbers
+
+``decompose_`` changes ``model`` in place (the trailing underscore, as in PyTorch and torchao's
+``quantize_``) and returns the :class:`~decompose.report.Report`; ``plan`` returns the report of
+what ``decompose_`` would do without touching the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import DecoupleConfig
+from .layers import decouple_conv
+from .metrics import infer_input_shape, param_count, trace
+from .plan import FilterFn, LayerPlan, make_plan
+from .report import Report, totals
+from .surgery import replace_module
+
+
+def _resolve(config: DecoupleConfig | None, kwargs: dict[str, Any]) -> DecoupleConfig:
+    if config is None:
+        return DecoupleConfig(**kwargs)
+    if kwargs:
+        return DecoupleConfig.from_dict({**config.to_dict(), **kwargs})
+    return config
+
+
+def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
+         filter_fn: FilterFn | None = None, meta: dict | None = None, **kwargs: Any) -> Report:
+    """What :func:`decompose_` would do, as a report; the model is not changed.
+
+    Args:
+        model: any nn.Module with Conv1d/2d/3d layers.
+        config: a :class:`DecoupleConfig`; keyword arguments (``rank=2``, ``order="dw-pw"``, ...)
+            build or override one.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; convs for which it is False stay as they are.
+        meta: what a decompose file recorded (used for the input shape).
+    """
+    config = _resolve(config, kwargs)
+    shape, source = infer_input_shape(model, config.input_shape, meta)
+    shapes = trace(model, shape)
+    layers = make_plan(model, config, shape, filter_fn, shapes)
+    macs_before = _macs_from_trace(model, shapes)
+    params = param_count(model)
+    saved = sum(lp.params_before - lp.params_after for lp in layers if lp.skipped is None)
+    return Report(layers, totals(layers, params, params - saved, macs_before),
+                  config.to_dict(), shape, source)
+
+
+def _macs_from_trace(model: nn.Module, shapes) -> int:
+    from .layers import is_conv
+    from .metrics import conv_macs, linear_macs
+    total = 0
+    for name, call in shapes.items():
+        m = model.get_submodule(name)
+        one = conv_macs(m, call.out_shape) if is_conv(m) else linear_macs(m, call.out_shape)
+        total += one * call.calls
+    return total
+
+
+def apply_plan(model: nn.Module, layers: list[LayerPlan]) -> nn.Module:
+    """Replace every planned (not skipped) conv by its decoupled form, in place."""
+    for lp in layers:
+        if lp.skipped is None:
+            conv = model.get_submodule(lp.name)
+            replace_module(model, lp.name, decouple_conv(conv, lp.rank, lp.order))
+    return model
+
+
+def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
+               filter_fn: FilterFn | None = None, meta: dict | None = None,
+               **kwargs: Any) -> Report:
+    """Decouple the convolutions of ``model`` in place and return the report.
+
+    Each selected conv becomes ``nn.Sequential(conv_dw, conv_pw)`` (or ``conv_pw, conv_dw`` for
+    the pw-dw order) holding the rank-T truncated SVD of its kernel. Arguments as in :func:`plan`.
+
+    Example:
+        >>> import torch, decompose
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1))
+        >>> rep = decompose.decompose_(net, rank=1, input_shape=(8, 16, 16))
+        >>> rep.totals["layers_decomposed"]
+        1
+        >>> type(net[0]).__name__, list(net[0]._modules)
+        ('Sequential', ['conv_dw', 'conv_pw'])
+    """
+    report = plan(model, config, filter_fn=filter_fn, meta=meta, **kwargs)
+    apply_plan(model, report.layers)
+    return report
+
+
+def decompose(model: nn.Module, config: DecoupleConfig | None = None, **kwargs: Any
+              ) -> tuple[nn.Module, Report]:
+    """Like :func:`decompose_` but on a deep copy; returns ``(new_model, report)``."""
+    import copy
+    new = copy.deepcopy(model)
+    return new, decompose_(new, config, **kwargs)

@@ -1,0 +1,29 @@
+"""The ``decompose`` command: a thin click layer over the library (no tensor maths here)."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from ._common import DefaultGroup
+from .run import report_cmd, run_cmd
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="decompose")
+def cli() -> None:
+    """Decompose trained PyTorch convolutions into depthwise + pointwise pieces.
+
+    \b
+    decompose MODEL --rank 1      decouple MODEL (the default command, 'run')
+    decompose report MODEL        the same report, nothing written
+    Run 'decompose COMMAND --help' for each command's options and examples.
+    """
+
+
+cli.add_command(run_cmd)
+cli.add_command(report_cmd)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,156 @@
+"""Shared pieces of the command line: the default-command group, error handling, options.
+
+No tensor maths here: commands parse flags, build the objects a script would build, call the
+library, and print.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from ..errors import DecomposeError
+
+
+class DefaultGroup(click.Group):
+    """``decompose FILE ...`` runs the default command; ``decompose eval ...`` the others.
+
+    User mistakes end as one line on stderr (``Error: ...``) with a non-zero exit, no traceback.
+    """
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except DecomposeError as e:
+            _fail(str(e), 1)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            _fail(e.format_message().replace("\n", " ") + hint, 2)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 130)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except BrokenPipeError:
+            sys.exit(1)
+        if not standalone_mode:
+            return None
+        sys.exit(0)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def log(message: str, quiet: bool = False) -> None:
+    """Progress and logs go to stderr, never stdout."""
+    if not quiet:
+        click.echo(message, err=True)
+
+
+def emit(obj: Any, as_json: bool) -> None:
+    """Results go to stdout: a table (``str(obj)``) or one JSON object."""
+    if as_json:
+        click.echo(json.dumps(obj.to_dict() if hasattr(obj, "to_dict") else obj, indent=2))
+    else:
+        click.echo(str(obj))
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise DecomposeError(f"--input-shape must be positive integers like 3,32,32, got {text!r}")
+    return shape
+
+
+def parse_number(text: str | None, flag: str, kind: type, example: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        word = "an integer" if kind is int else "a number"
+        raise DecomposeError(f"{flag} must be {word}, got {text!r}; e.g. {flag} {example}") from None
+
+
+def model_options(f: Callable) -> Callable:
+    """--arch / --allow / --trust: how to read a model file safely."""
+    f = click.option("--trust", is_flag=True,
+                     help="Load with the full unpickler (runs code from the file). Only for "
+                          "files you made yourself.")(f)
+    f = click.option("--allow", multiple=True, metavar="MODULE[:CLASS]",
+                     help="Let the safe loader rebuild classes from this module (repeatable).")(f)
+    f = click.option("--arch", metavar="MODULE:FN",
+                     help="Builder for a checkpoint / state_dict, e.g. "
+                          "decompose.models.cifar_resnet:resnet20.")(f)
+    return f
+
+
+def rank_options(f: Callable) -> Callable:
+    """How ranks are chosen, and which layers: the fields of DecoupleConfig."""
+    opts = [
+        click.option("--rank", "rank", metavar="T",
+                     help="Keep T depthwise-separable terms per layer (integer >= 1). Default 1."),
+        click.option("--energy", metavar="E",
+                     help="Keep the fewest terms holding fraction E of each layer's squared "
+                          "singular values, 0 < E <= 1."),
+        click.option("--target-macs", metavar="F",
+                     help="Global budget: decomposable layers keep fraction F (0<F<1) of their "
+                          "multiply-adds; ranks minimise total kernel error."),
+        click.option("--target-params", metavar="F",
+                     help="The same budget on parameters."),
+        click.option("--order", type=click.Choice(["auto", "dw-pw", "pw-dw"]), default="auto",
+                     show_default=True, help="Depthwise-then-pointwise, the reverse, or per layer."),
+        click.option("--include", multiple=True, metavar="GLOB",
+                     help="Only convs whose name matches (repeatable), e.g. 'layer3.*'."),
+        click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Leave convs whose name matches alone (repeatable), e.g. conv1."),
+        click.option("--input-shape", metavar="C,H,W",
+                     help="One input sample's shape, to count multiply-adds. Default: "
+                          "model.input_shape, else the file's, else C,224,224."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def config_from_options(rank, energy, target_macs, target_params, order, include, exclude,
+                        input_shape, **extra):
+    from ..config import DecoupleConfig
+    return DecoupleConfig(
+        rank=parse_number(rank, "--rank", int, "1"),
+        energy=parse_number(energy, "--energy", float, "0.9"),
+        target_macs=parse_number(target_macs, "--target-macs", float, "0.5"),
+        target_params=parse_number(target_params, "--target-params", float, "0.5"),
+        order=order, include=tuple(include), exclude=tuple(exclude),
+        input_shape=parse_shape(input_shape), **extra)
+
+
+def pop_keys(d: dict, keys: list[str]) -> dict:
+    return {k: d.pop(k) for k in keys if k in d}
+
+
+RANK_KEYS = ["rank", "energy", "target_macs", "target_params", "order", "include", "exclude",
+             "input_shape"]

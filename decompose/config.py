@@ -1,0 +1,115 @@
+"""The decoupling config: one frozen dataclass, validated on creation, round-trips through JSON.
+
+A CLI run and a script build the same object, and a saved model records it, so a decomposed file
+can always say how it was made (torchao's config pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DecomposeError
+
+ORDERS = ("auto", "dw-pw", "pw-dw")
+
+
+@dataclass(frozen=True)
+class DecoupleConfig:
+    """How to decouple a model's convolutions (Network Decoupling, Guo et al. 2018).
+
+    Exactly one way of choosing ranks may be given; with none, ``rank=1``.
+
+    Args:
+        rank: keep T depthwise-separable terms per layer (integer >= 1), capped at each layer's
+            full rank.
+        energy: keep the fewest terms whose squared singular values reach this fraction
+            (0 < energy <= 1) of the layer's total, per layer.
+        target_macs: global budget: the decomposable layers may cost at most this fraction
+            (0 < f < 1) of their original multiply-adds; ranks are spread to minimise the sum of
+            squared relative kernel errors (docs/method.md).
+        target_params: the same budget on parameters.
+        order: ``"dw-pw"`` (depthwise then pointwise, SVD per input channel), ``"pw-dw"``
+            (pointwise then depthwise, SVD per output channel) or ``"auto"`` (per layer, see
+            docs/method.md for the exact rule). Default ``"auto"``.
+        include: glob patterns on fully-qualified module names; when given, only matching convs
+            are considered. Default: all.
+        exclude: glob patterns of convs to leave alone (e.g. ``("conv1",)``). Default: none.
+        input_shape: one sample's shape without the batch dimension (e.g. ``(3, 32, 32)``), used
+            to count multiply-adds. Default: inferred (docs/guide.md).
+        fold_bn: fold a BatchNorm that directly follows a conv into the conv before decoupling.
+            Default False.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    order: str = "auto"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    input_shape: tuple[int, ...] | None = None
+    fold_bn: bool = False
+    rank_overrides: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("rank", "energy", "target_macs", "target_params")
+                  if getattr(self, n) is not None]
+        if len(chosen) > 1:
+            raise DecomposeError(
+                f"choose one of --rank, --energy, --target-macs, --target-params (got {', '.join(chosen)})")
+        if not chosen:
+            object.__setattr__(self, "rank", 1)
+        if self.rank is not None:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+                raise DecomposeError(f"rank must be an integer >= 1, got {self.rank!r}; try --rank 1")
+        if self.energy is not None:
+            e = self.energy
+            if not isinstance(e, (int, float)) or not (0 < e <= 1):
+                raise DecomposeError(f"energy must be in (0, 1], got {e!r}; try --energy 0.9")
+        for name in ("target_macs", "target_params"):
+            f = getattr(self, name)
+            if f is not None and (not isinstance(f, (int, float)) or not (0 < f < 1)):
+                flag = "--" + name.replace("_", "-")
+                raise DecomposeError(f"{name} must be in (0, 1), got {f!r}; try {flag} 0.5")
+        if self.order not in ORDERS:
+            raise DecomposeError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.input_shape is not None:
+            shape = tuple(int(s) for s in self.input_shape)
+            if not shape or any(s < 1 for s in shape):
+                raise DecomposeError(f"input shape must be positive integers like 3,32,32, got {self.input_shape!r}")
+            object.__setattr__(self, "input_shape", shape)
+        for k, v in dict(self.rank_overrides).items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DecomposeError(f"rank override for {k} must be an integer >= 1, got {v!r}")
+
+    @property
+    def selection(self) -> str:
+        """Which rank rule is active: 'rank', 'energy', 'target_macs' or 'target_params'."""
+        for n in ("rank", "energy", "target_macs", "target_params"):
+            if getattr(self, n) is not None:
+                return n
+        return "rank"  # pragma: no cover - __post_init__ sets rank
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["include"] = list(self.include)
+        d["exclude"] = list(self.exclude)
+        d["input_shape"] = list(self.input_shape) if self.input_shape else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecoupleConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DecomposeError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("input_shape") is not None:
+            d["input_shape"] = tuple(d["input_shape"])
+        d["include"] = tuple(d.get("include") or ())
+        d["exclude"] = tuple(d.get("exclude") or ())
+        return cls(**d)

@@ -1,0 +1,11 @@
+"""The one exception users see.
+
+Every message is one line that says what went wrong *and* what to do about it. The CLI prints
+it as ``Error: <message>`` and exits non-zero, never with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DecomposeError(Exception):
+    """A user-facing problem: bad input, a file that cannot be read, a setting out of range."""

@@ -1,0 +1,138 @@
+"""Counting what a model costs: parameters, multiply-adds (by forward hooks), layer shapes.
+
+Multiply-adds (MACs) count convolutions and linear layers, one per weight use per output
+element: ``out_channels * in_channels/groups * K * output_pixels`` for a conv. Biases,
+normalisation, activations and pooling are not counted. They depend on the input size, so every
+count takes one sample's ``input_shape`` (no batch dimension) and runs one forward pass on zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import DecomposeError
+from .layers import CONV_TYPES, is_conv, taps
+
+
+@dataclass
+class Call:
+    """Shapes one module saw on its first call during a trace (batch dimension included)."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    calls: int = 1
+
+
+def conv_macs(conv: nn.Module, out_shape: tuple[int, ...]) -> int:
+    """MACs of one conv call producing ``out_shape`` (batch 1 assumed in the count)."""
+    pixels = math.prod(out_shape[2:])
+    return conv.out_channels * (conv.in_channels // conv.groups) * taps(conv) * pixels
+
+
+def linear_macs(lin: nn.Linear, out_shape: tuple[int, ...]) -> int:
+    rows = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
+    return lin.in_features * lin.out_features * rows
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    device = p.device if p is not None else torch.device("cpu")
+    return torch.zeros(batch, *input_shape, dtype=dtype, device=device)
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...],
+          want=lambda m: is_conv(m) or isinstance(m, nn.Linear)) -> dict[str, Call]:
+    """Run one sample of zeros through ``model`` and record the shapes each wanted module saw."""
+    seen: dict[str, Call] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(mod, inputs, output):
+            if name in seen:
+                seen[name].calls += 1
+                return
+            x = inputs[0] if inputs else None
+            seen[name] = Call(tuple(x.shape) if isinstance(x, torch.Tensor) else (),
+                              tuple(output.shape) if isinstance(output, torch.Tensor) else ())
+        return fn
+
+    for name, m in model.named_modules():
+        if want(m):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with _eval_mode(model), torch.no_grad():
+            model(example_input(model, input_shape))
+    except DecomposeError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shape = ",".join(map(str, input_shape))
+        raise DecomposeError(f"the model fails on input shape {shape} ({msg[:160]}); pass the "
+                             "right --input-shape, e.g. --input-shape 3,32,32") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Independent MAC count of a whole model by forward hooks (every call counted)."""
+    total = 0
+    for name, call in trace(model, input_shape).items():
+        m = model.get_submodule(name)
+        one = conv_macs(m, call.out_shape) if is_conv(m) else linear_macs(m, call.out_shape)
+        total += one * call.calls
+    return total
+
+
+DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+def infer_input_shape(model: nn.Module, given: tuple[int, ...] | None = None,
+                      meta: dict | None = None) -> tuple[tuple[int, ...], str]:
+    """One sample's input shape and where it came from.
+
+    Order: ``given`` (``--input-shape``), ``model.input_shape`` (set by decompose's own models and
+    any user model that defines it), a decompose file's recorded shape, else the first conv's
+    input channels with a default size (224x224 for 2-D, 1024 for 1-D, 16x112x112 for 3-D).
+    """
+    if given:
+        return tuple(given), "given"
+    own = getattr(model, "input_shape", None)
+    if own:
+        return tuple(int(s) for s in own), "model.input_shape"
+    if meta and meta.get("input_shape"):
+        return tuple(meta["input_shape"]), "file"
+    for m in model.modules():
+        if is_conv(m):
+            dim = len(m.kernel_size)
+            return (m.in_channels, *DEFAULT_SPATIAL[dim]), "default"
+        if isinstance(m, nn.Linear):
+            return (m.in_features,), "default"
+    raise DecomposeError("cannot tell this model's input shape; pass --input-shape, e.g. 3,32,32")
+
+
+__all__ = ["CONV_TYPES", "Call", "conv_macs", "count_macs", "infer_input_shape", "param_count",
+           "trace", "example_input"]
