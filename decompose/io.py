@@ -141,8 +141,12 @@ def _read(path: Path, allow: Iterable[str], trust: bool) -> Any:
         if "PytorchStreamReader" in msg or "zip archive" in msg or isinstance(e, EOFError):
             raise DecomposeError(f"{path} is truncated or corrupt ({_short(e)}); "
                                  "write the file again with torch.save") from None
+        if isinstance(e, PermissionError):
+            raise DecomposeError(f"cannot read {path}: permission denied; check its "
+                                 "permissions") from None
         if isinstance(e, OSError):
-            raise DecomposeError(f"cannot read {path}: {_short(e)}") from None
+            raise DecomposeError(f"{path} is truncated or corrupt ({_short(e)}); "
+                                 "write the file again with torch.save") from None
         raise DecomposeError(f"{path} is not a PyTorch model file or is corrupt ({_short(e)}); "
                              "save models with torch.save") from None
 

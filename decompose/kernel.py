@@ -97,8 +97,9 @@ def error_curve(s: torch.Tensor) -> torch.Tensor:
     total = sq.sum()
     if total == 0:
         return torch.zeros_like(sq)
-    tail = total - sq.cumsum(0)
-    return (tail.clamp(min=0) / total).sqrt()
+    # tail[T-1] = sum of sq[T:], summed from the small end (no cancellation near full rank)
+    tail = torch.cat([sq.flip(0).cumsum(0).flip(0)[1:], sq.new_zeros(1)])
+    return (tail / total).sqrt()
 
 
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
