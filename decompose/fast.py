@@ -1,0 +1,240 @@
+"""Exact, faster forms of a decoupled layer (docs/layouts.md has the measurements behind them).
+
+A decoupled layer (:func:`decompose.layers.decouple_conv`) is ``conv_dw`` (k x k, groups=C,
+channel multiplier T) and ``conv_pw`` (1x1). Its multiply-adds fall with T, but its speed need not:
+on x86 CPUs PyTorch hands the convs to oneDNN, whose fast depthwise kernels only take a
+depthwise conv with channel multiplier 1 (one output per input channel). With T >= 2, ``groups=C``
+and ``C*T`` outputs is run as a generic grouped conv, many times slower than its arithmetic. The
+forms here compute *the same function* (up to float rounding) in other ways:
+
+``"plain"``
+    the Sequential as given (a copy).
+``"dense"``
+    one conv with the rebuilt rank-T kernel ``W_T``: exactly the same function, at the speed of
+    the original dense conv. Chosen when no decoupled form beats it ("keep dense, with the
+    low-rank kernel": accuracy of rank T, speed of the original).
+``"dw1"``
+    the depthwise conv rewritten with channel multiplier 1. dw-pw: the input channels are
+    repeated T times (:class:`RepeatChannels`, channel ``c*T + t`` = input ``c``) and a
+    depthwise conv with ``groups = C_in*T`` and the *same* weights follows; the pointwise conv
+    is unchanged. pw-dw: the depthwise conv gets ``groups = C_out*T`` (same weights, one output
+    per channel) and :class:`SumChannelGroups` adds each run of T channels. Equal to
+    ``"plain"`` at T = 1.
+Memory format is not a form: it belongs to the activations, so it is chosen for a whole model
+(``model.to(memory_format=torch.channels_last)`` and the input converted once). A depthwise
+weight ``(C, 1, k, k)`` and a 1x1 weight are laid out the same either way, so a decoupled layer
+simply computes in the layout of its input; :class:`RepeatChannels` and
+:class:`SumChannelGroups` keep a channels_last input channels_last.
+
+Every form is built from ``torch.nn`` conv layers inside an ``nn.Sequential``; ``"dw1"`` adds one
+of two tiny modules defined here, :class:`RepeatChannels` or :class:`SumChannelGroups` (plain
+tensor ops, TorchScript- and ONNX-exportable, no parameters), which a safe loader must allowlist.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .layers import CONV_TYPES, conv_dim, decoupled_order, decoupled_rank, is_decoupled
+
+FORMS = ("plain", "dense", "dw1")
+CHOICES = ("auto",) + FORMS
+
+
+def _channels_last_input(x: torch.Tensor) -> bool:
+    """True for a tensor laid out channels_last(_3d) and not also plain contiguous."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+class RepeatChannels(nn.Module):
+    """Repeat every channel ``repeats`` times in place: output channel ``c*repeats + t`` is input
+    channel ``c`` (``torch.repeat_interleave`` on dim 1). No parameters. The memory format of a
+    channels_last input is kept."""
+
+    def __init__(self, repeats: int) -> None:
+        super().__init__()
+        self.repeats = int(repeats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _channels_last_input(x):  # repeat along the innermost (channel) dim of the memory
+            y = torch.repeat_interleave(x.movedim(1, -1), self.repeats, dim=-1)
+            return y.movedim(-1, 1)
+        return torch.repeat_interleave(x, self.repeats, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"repeats={self.repeats}"
+
+
+class SumChannelGroups(nn.Module):
+    """Sum every run of ``size`` consecutive channels: output channel ``o`` is the sum of input
+    channels ``o*size .. o*size + size-1``. No parameters."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _channels_last_input(x):  # sum along the innermost (channel) dim of the memory
+            return x.movedim(1, -1).unflatten(-1, (-1, self.size)).sum(-1).movedim(-1, 1)
+        return x.unflatten(1, (-1, self.size)).sum(2)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+#: The only non-torch classes a fast form may contain (for a weights-only loader's allowlist).
+CUSTOM_MODULES: tuple[type[nn.Module], ...] = (RepeatChannels, SumChannelGroups)
+
+
+def _check(seq: nn.Module) -> tuple[str, int, nn.Module, nn.Module]:
+    if not is_decoupled(seq):
+        raise TypeError("fast_form needs a decoupled layer (an nn.Sequential of conv_dw and "
+                        f"conv_pw from decouple_conv), got {type(seq).__name__}")
+    order = decoupled_order(seq)
+    dw, pw = seq.conv_dw, seq.conv_pw
+    if any(k != 1 for k in pw.kernel_size) or any(s != 1 for s in pw.stride) \
+            or any(p != 0 for p in _tuple(pw.padding)):
+        raise ValueError("conv_pw must be 1x1 with stride 1 and no padding, as decouple_conv "
+                         "builds it")
+    if order == "pw-dw" and pw.bias is not None:
+        raise ValueError("a pw-dw layer whose conv_pw has a bias has no exact dense form "
+                         "(the bias would be padded); decouple_conv never builds one")
+    return order, decoupled_rank(seq), dw, pw
+
+
+def _tuple(p) -> tuple:
+    return tuple(p) if isinstance(p, (tuple, list)) else (p,)
+
+
+def _like(ref: nn.Module, cin: int, cout: int, groups: int, weight: torch.Tensor,
+          bias: torch.Tensor | None) -> nn.Module:
+    """A conv with ``ref``'s geometry (kernel, stride, padding, dilation, padding mode)."""
+    cls = CONV_TYPES[conv_dim(ref)]
+    conv = cls(cin, cout, ref.kernel_size, stride=ref.stride, padding=ref.padding,
+               dilation=ref.dilation, groups=groups, bias=bias is not None,
+               padding_mode=ref.padding_mode, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight.reshape(conv.weight.shape))
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
+def rebuilt_weight(seq: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dense kernel ``W_T`` (and bias) that computes exactly what ``seq`` computes.
+
+    Summed in float64 and cast back to the layer's dtype.
+    """
+    order, t, dw, pw = _check(seq)
+    dtype = pw.weight.dtype
+    k = dw.weight.shape[2:]
+    taps = dw.weight[0, 0].numel()
+    pw_w = pw.weight.detach().double().flatten(1)  # (out, in/g)
+    dw_w = dw.weight.detach().double().reshape(dw.weight.shape[0], -1, taps)
+    if order == "dw-pw":
+        c_in, g = dw.in_channels, pw.groups
+        cg, c_out = c_in // g, pw.out_channels
+        d = dw_w.reshape(g, cg, t, taps)
+        p = pw_w.reshape(g, c_out // g, cg, t)
+        w = torch.einsum("gocs,gcsk->gock", p, d).reshape(c_out, cg, *k)
+        bias = pw.bias.detach().double() if pw.bias is not None else None
+        if dw.bias is not None:  # a depthwise bias passes through the 1x1 conv: fold it
+            b_in = dw.bias.detach().double().reshape(g, cg * t)[
+                torch.arange(c_out, device=pw_w.device) // (c_out // g)]
+            fold = (pw_w * b_in).sum(1)
+            bias = fold if bias is None else bias + fold
+    else:
+        c_out = dw.out_channels
+        d = dw_w.reshape(c_out, t, taps)
+        p = pw_w.reshape(c_out, t, -1)
+        w = torch.einsum("ots,otk->osk", p, d).reshape(c_out, pw.in_channels // pw.groups, *k)
+        bias = dw.bias.detach().double() if dw.bias is not None else None
+    return w.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
+def _dense(seq: nn.Module) -> nn.Module:
+    order, _, dw, pw = _check(seq)
+    w, b = rebuilt_weight(seq)
+    cin = dw.in_channels if order == "dw-pw" else pw.in_channels
+    cout = pw.out_channels if order == "dw-pw" else dw.out_channels
+    return _like(dw, cin, cout, pw.groups, w, b)
+
+
+def _dw1(seq: nn.Module) -> nn.Module:
+    order, t, dw, pw = _check(seq)
+    if t == 1:
+        return copy.deepcopy(seq)
+    c = dw.out_channels if order == "dw-pw" else dw.in_channels  # C_in*T or C_out*T
+    bias = None
+    if dw.bias is not None:
+        if order == "dw-pw":
+            bias = dw.bias.detach()
+        else:  # carried once per group of T: on its first channel
+            bias = torch.zeros(c, dtype=dw.bias.dtype, device=dw.bias.device)
+            bias[::t] = dw.bias.detach()
+    dw1 = _like(dw, c, c, c, dw.weight.detach(), bias)
+    pw1 = copy.deepcopy(pw)
+    if order == "dw-pw":
+        parts = OrderedDict(repeat=RepeatChannels(t), conv_dw=dw1, conv_pw=pw1)
+    else:
+        parts = OrderedDict(conv_pw=pw1, conv_dw=dw1, sum=SumChannelGroups(t))
+    return nn.Sequential(parts)
+
+
+_BUILDERS = {"plain": copy.deepcopy, "dense": _dense, "dw1": _dw1}
+
+
+def auto_form(seq: nn.Module) -> str:
+    """The form :func:`fast_form` picks for ``form="auto"`` (the rule in docs/layouts.md)."""
+    _check(seq)
+    return "dw1"
+
+
+def fast_form(seq: nn.Module, form: str = "auto") -> nn.Module:
+    """An exact equivalent of the decoupled layer ``seq`` in the given form (a new module).
+
+    Args:
+        seq: an ``nn.Sequential`` from :func:`decompose.layers.decouple_conv` (either order).
+        form: ``"auto"`` (default: :func:`auto_form`), ``"plain"``, ``"dense"`` or ``"dw1"``;
+            see the module docstring.
+
+    The result is in the same train/eval mode as ``seq``; ``seq`` is not modified. Outputs agree
+    with ``seq`` to float rounding (``"dense"`` sums the T terms in another order).
+    """
+    if form == "auto":
+        form = auto_form(seq)
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; choose one of {', '.join(CHOICES)}")
+    _check(seq)
+    out = _BUILDERS[form](seq)
+    out.train(seq.training)
+    return out
+
+
+def candidate_forms(seq: nn.Module) -> dict[str, nn.Module]:
+    """Every distinct form of ``seq``, by name, for a planner to time side by side
+    (``"dw1"`` is left out at T = 1, where it is ``"plain"``)."""
+    _, t, _, _ = _check(seq)
+    return {f: fast_form(seq, f) for f in FORMS if not (t == 1 and f == "dw1")}
+
+
+def form_name(m: nn.Module) -> str:
+    """The form of a module built here: ``"plain"`` for a decoupled Sequential, ``"dense"`` for a
+    single conv, ``"dw1"`` for one holding a :class:`RepeatChannels`/:class:`SumChannelGroups`."""
+    if isinstance(m, tuple(CONV_TYPES.values())):
+        return "dense"
+    if any(isinstance(c, CUSTOM_MODULES) for c in m.modules()):
+        return "dw1"
+    if is_decoupled(m):
+        return "plain"
+    raise TypeError(f"not a form built by decompose.fast: {type(m).__name__}")
