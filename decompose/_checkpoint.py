@@ -1,0 +1,158 @@
+"""What lets fine-tuning survive an interruption: checkpoint files, RNG states, the per-epoch
+log, and the SIGINT/SIGTERM flag.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and tuples, so it reads back
+with ``torch.load(weights_only=True)``; it is serialised in memory and renamed into place, so a
+kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DecomposeError
+from .io import atomic_write
+
+FORMAT = "decompose-finetune"
+VERSION = 1
+
+
+# ------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python generator states, weights-only loadable."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(), "python": random.getstate(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ------------------------------------------------------------------------------------ files
+def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Serialise in memory, then write a temporary file and rename it over ``path``."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()), force=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a fine-tuning checkpoint with the weights-only unpickler."""
+    p = Path(path)
+    if not p.is_file():
+        raise DecomposeError(f"no checkpoint at {p} to resume; run without --resume to start, "
+                             "or give the run's --checkpoint")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means "not a usable checkpoint"
+        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        raise DecomposeError(f"{p} is not a readable fine-tuning checkpoint ({first}); start "
+                             "over with --force") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise DecomposeError(f"{p} is not a decompose fine-tuning checkpoint; give the "
+                             "--checkpoint that an earlier 'decompose finetune' wrote")
+    return ck
+
+
+def check_same_model(model: nn.Module, sd: dict[str, torch.Tensor], path: Any) -> None:
+    """Raise unless ``sd`` has exactly the keys and shapes of ``model``'s state_dict."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} shapes differ, e.g. {k} {tuple(sd[k].shape)} vs "
+                         f"{tuple(own[k].shape)}")
+        raise DecomposeError(f"checkpoint {path} was made for another model ({'; '.join(parts)})"
+                             "; resume with the model it was made from, or start over with "
+                             "--force")
+
+
+def check_same_settings(now: dict[str, Any], saved: dict[str, Any], may_change: Iterable[str],
+                        path: Any) -> None:
+    """Raise when a setting outside ``may_change`` differs from the checkpoint's."""
+    free = set(may_change)
+    diff = [k for k in now if k not in free and saved.get(k) != now[k]]
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])
+        raise DecomposeError(f"checkpoint {path} was made with other settings ({shown}); resume "
+                             "with the same settings, or start over with --force")
+
+
+def write_log(path: str, records: list[dict[str, Any]], fields: Iterable[str]) -> None:
+    """The whole per-epoch log, rewritten atomically: JSON lines, or CSV for a ``.csv`` name."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            if str(path).lower().endswith(".csv"):
+                w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+                w.writeheader()
+                w.writerows(records)
+            else:
+                for r in records:
+                    f.write(json.dumps({k: r[k] for k in fields if k in r}) + "\n")
+    atomic_write(path, write, force=True)
+
+
+# ------------------------------------------------------------------------------------ signals
+class StopFlag:
+    """While active, SIGINT/SIGTERM set ``signal_name`` (the loop stops at the next batch
+    boundary); a second signal raises KeyboardInterrupt at once (the last checkpoint stands).
+    Only installed from the main thread; the previous handlers come back on exit."""
+
+    def __init__(self, active: bool) -> None:
+        self.signal_name: str | None = None
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if self.active:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
