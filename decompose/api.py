@@ -12,11 +12,13 @@ what ``decompose_`` would do without touching the model.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
 
 from .config import DecoupleConfig
+from .fold import fold_batchnorm_
 from .layers import decouple_conv
 from .metrics import infer_input_shape, param_count, trace
 from .plan import FilterFn, LayerPlan, make_plan
@@ -44,14 +46,23 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
         meta: what a decompose file recorded (used for the input shape).
     """
     config = _resolve(config, kwargs)
+    if config.fold_bn:  # plan what decompose_ would do: on a folded copy
+        import copy
+        model = copy.deepcopy(model)
+        folded = fold_batchnorm_(model)
+    else:
+        folded = []
     shape, source = infer_input_shape(model, config.input_shape, meta)
     shapes = trace(model, shape)
     layers = make_plan(model, config, shape, filter_fn, shapes)
     macs_before = _macs_from_trace(model, shapes)
     params = param_count(model)
     saved = sum(lp.params_before - lp.params_after for lp in layers if lp.skipped is None)
-    return Report(layers, totals(layers, params, params - saved, macs_before),
-                  config.to_dict(), shape, source)
+    report = Report(layers, totals(layers, params, params - saved, macs_before),
+                    config.to_dict(), shape, source)
+    if config.fold_bn:
+        report.extra["folded_bn"] = [list(p) for p in folded]
+    return report
 
 
 def _macs_from_trace(model: nn.Module, shapes) -> int:
@@ -91,7 +102,14 @@ def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
         >>> type(net[0]).__name__, list(net[0]._modules)
         ('Sequential', ['conv_dw', 'conv_pw'])
     """
-    report = plan(model, config, filter_fn=filter_fn, meta=meta, **kwargs)
+    config = _resolve(config, kwargs)
+    params_given = param_count(model)
+    folded = fold_batchnorm_(model) if config.fold_bn else None
+    report = plan(model, dataclasses.replace(config, fold_bn=False), filter_fn=filter_fn, meta=meta)
+    report.config = config.to_dict()
+    if folded is not None:
+        report.extra["folded_bn"] = [list(p) for p in folded]
+        report.totals["params_before"] = params_given  # the model as given, BatchNorms included
     apply_plan(model, report.layers)
     return report
 

@@ -38,8 +38,10 @@ class DecoupleConfig:
         exclude: glob patterns of convs to leave alone (e.g. ``("conv1",)``). Default: none.
         input_shape: one sample's shape without the batch dimension (e.g. ``(3, 32, 32)``), used
             to count multiply-adds. Default: inferred (docs/guide.md).
-        fold_bn: fold a BatchNorm that directly follows a conv into the conv before decoupling.
-            Default False.
+        fold_bn: fold each BatchNorm that only reads a conv's output into that conv before
+            decoupling (the BN becomes ``nn.Identity``), so the truncation error is measured in
+            the space the next layer sees. Default False (docs/bn-folding.md has the numbers).
+        rank_overrides: ``{fqn: T}`` fixed ranks for some layers, whatever the rule.
     """
 
     rank: int | None = None

@@ -217,3 +217,20 @@ def test_conv1d_and_conv3d_models():
     rep = decompose.decompose_(m3, rank=2, input_shape=(2, 8, 8, 8))
     assert rep.totals["layers_decomposed"] == 2
     assert rep.totals["macs_after"] == count_macs(m3, (2, 8, 8, 8))
+
+
+def test_fold_bn_then_decompose_is_exact_at_full_rank():
+    model = tiny_cnn().double().eval()
+    with torch.no_grad():  # non-trivial running statistics
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    ref = copy.deepcopy(model)
+    rep = decompose.decompose_(model, rank=9, order="pw-dw", fold_bn=True, input_shape=SHAPE)
+    assert rep.extra["folded_bn"] == [["0", "1"]]
+    assert isinstance(model[1], nn.Identity)
+    assert rep.totals["params_before"] == param_count(ref)
+    x = torch.randn(3, *SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((model(x) - ref(x)).abs().max() / ref(x).abs().max()) < 1e-10
+    dry = decompose.plan(ref, rank=1, fold_bn=True, input_shape=SHAPE)
+    assert dry.extra["folded_bn"] == [["0", "1"]] and isinstance(ref[1], nn.BatchNorm2d)

@@ -127,6 +127,9 @@ def rank_options(f: Callable) -> Callable:
                      help="Only convs whose name matches (repeatable), e.g. 'layer3.*'."),
         click.option("--exclude", multiple=True, metavar="GLOB",
                      help="Leave convs whose name matches alone (repeatable), e.g. conv1."),
+        click.option("--fold-bn/--no-fold-bn", default=False, show_default=True,
+                     help="Fold each BatchNorm that only reads a conv's output into that conv "
+                          "before decoupling."),
         click.option("--input-shape", metavar="C,H,W",
                      help="One input sample's shape, to count multiply-adds. Default: "
                           "model.input_shape, else the file's, else C,224,224."),
@@ -137,7 +140,7 @@ def rank_options(f: Callable) -> Callable:
 
 
 def config_from_options(rank, energy, target_macs, target_params, order, include, exclude,
-                        input_shape, **extra):
+                        input_shape, fold_bn=False, **extra):
     from ..config import DecoupleConfig
     return DecoupleConfig(
         rank=parse_number(rank, "--rank", int, "1"),
@@ -145,7 +148,7 @@ def config_from_options(rank, energy, target_macs, target_params, order, include
         target_macs=parse_number(target_macs, "--target-macs", float, "0.5"),
         target_params=parse_number(target_params, "--target-params", float, "0.5"),
         order=order, include=tuple(include), exclude=tuple(exclude),
-        input_shape=parse_shape(input_shape), **extra)
+        input_shape=parse_shape(input_shape), fold_bn=fold_bn, **extra)
 
 
 def pop_keys(d: dict, keys: list[str]) -> dict:
@@ -153,4 +156,4 @@ def pop_keys(d: dict, keys: list[str]) -> dict:
 
 
 RANK_KEYS = ["rank", "energy", "target_macs", "target_params", "order", "include", "exclude",
-             "input_shape"]
+             "input_shape", "fold_bn"]
