@@ -65,8 +65,9 @@ def _own_classes() -> list[type]:
     """nn.Module classes defined by this package (its model zoo and layers): trusted code."""
     import pkgutil
 
+    from . import fast
     from . import models as zoo
-    out: list[type] = []
+    out: list[type] = _module_classes(fast)  # the parameter-free helpers of the fast forms
     for info in pkgutil.iter_modules(zoo.__path__):
         out += _module_classes(importlib.import_module(f"{zoo.__name__}.{info.name}"))
     return out
