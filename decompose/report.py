@@ -143,16 +143,28 @@ def render_table(r: Report) -> str:
                      f"(drop {a['drop_top1']:.2f} points), top-5 {a['before']['top5']:.2%} → "
                      f"{a['after']['top5']:.2%}, on {a.get('images', '?')} images")
     if r.output_error:
-        lines.append(f"output  SQNR {r.output_error['sqnr_db']:.2f} dB on "
-                     f"{r.output_error.get('images', '?')} images")
+        db = r.output_error.get("sqnr_db")
+        sqnr = "exact (no difference)" if db is None else f"{db:.2f} dB"
+        lines.append(f"output  SQNR {sqnr} of the final outputs on "
+                     f"{r.output_error.get('images', '?')} images; out.err = each layer's own "
+                     "relative output error, on its input in the original network")
     if r.latency:
         lat = r.latency
+        per = "; ms before→after per layer, same batch" if lat.get("per_layer") else ""
         lines.append(f"latency {lat['before_ms']:.2f} ms → {lat['after_ms']:.2f} ms "
-                     f"({lat['speedup']:.2f}x) at batch {lat.get('batch_size', '?')}, "
-                     f"{lat.get('threads', '?')} threads")
+                     f"({_speed(lat['speedup'])})"
+                     f" at batch {lat.get('batch_size', '?')}, {lat.get('threads', '?')} threads, "
+                     f"median of {lat.get('repeats', '?')} interleaved rounds{per}")
     if r.output:
         lines.append(f"wrote   {r.output}")
     return "\n".join(lines)
+
+
+def _speed(speedup: float) -> str:
+    """'1.52x faster' or '1.25x slower' (never '0.80x faster')."""
+    if speedup >= 1 or speedup <= 0:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower"
 
 
 def _ratio(after: float, before: float) -> str:

@@ -1,0 +1,373 @@
+"""Measuring a decomposed model against its original: accuracy, output error, latency.
+
+Everything compares the two models *on the same inputs in the same process*:
+
+* :func:`measure_accuracy`: top-1 / top-5 / loss of the original ("before") and the decomposed
+  model ("after") on the same labelled images.
+* :func:`measure_output_error`: the SQNR of the final outputs, and for every decoupled layer the
+  relative error of its output, ``||f_dec(x) - f_orig(x)|| / ||f_orig(x)||``, where ``x`` is the
+  input that layer receives *in the original network* (so each layer's figure is its own error,
+  not the error accumulated by the layers before it).
+* :func:`measure_latency`: whole-model and per-layer median latency, original and decoupled timed
+  side by side by :func:`decompose.latency.compare_latency` (warm-up, interleaved rounds, median).
+  Each layer is timed on the input it actually receives (captured with a forward hook on the
+  original network) at the given batch size.
+* :func:`measure`: all of it, written into a :class:`~decompose.report.Report`.
+
+The JSON these fill in is documented in docs/report.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DecomposeError
+from .latency import compare_latency, speedups
+from .plan import LayerPlan
+from .progress import is_quiet, progress
+from .report import Report
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------- helpers
+@contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``model(x)`` with a failure turned into one line that says what to check."""
+    try:
+        return model(x)
+    except DecomposeError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shape = "x".join(map(str, x.shape[1:]))
+        raise DecomposeError(f"the {what} model fails on a batch of {shape} images ({msg[:160]});"
+                             " check --resize/--crop and that the images suit this model") from None
+
+
+class Batches(list):
+    """Batches read into memory, with the ``dataset`` they came from (its ``classes`` and
+    ``labels`` let :func:`decompose.evaluate.evaluate` check the data against the model)."""
+
+    dataset: Any = None
+
+
+def cache_batches(loader: Iterable[Batch], *, desc: str = "load images", quiet: bool | None = None
+                  ) -> Batches:
+    """Read every batch of ``loader`` once into memory, so that several models (before, after,
+    every setting of a sweep) see the same tensors without decoding the images again."""
+    out = Batches((x, y) for x, y in progress(loader, desc=desc, unit="batch", quiet=quiet))
+    out.dataset = getattr(loader, "dataset", None)
+    return out
+
+
+def check_input_shape(sample_shape: Sequence[int], report: Report) -> None:
+    """Refuse images whose (C, H, W) is not the shape ``report`` was planned for, unless that
+    shape was only a default guess. Models with a global pool would run on any size silently."""
+    from .data import check_input_shape as check
+    if report.input_shape_source != "default":
+        check(report.input_shape, sample_shape)
+
+
+def first_images(batches: Iterable[Any], n: int) -> list[torch.Tensor]:
+    """The first ``n`` images of ``batches`` (each a tensor or an ``(images, labels)`` pair)."""
+    out: list[torch.Tensor] = []
+    seen = 0
+    for b in batches:
+        if seen >= n:
+            break
+        x = b if isinstance(b, torch.Tensor) else b[0]
+        out.append(x[: n - seen])
+        seen += len(out[-1])
+    return out
+
+
+# ------------------------------------------------------------------------------------ accuracy
+def _result_dict(r: Any) -> dict[str, Any]:
+    return {"top1": float(r.top1), "top5": float(r.top5), "loss": float(r.loss), "images": int(r.n)}
+
+
+def evaluate_model(model: nn.Module, batches: Iterable[Batch], *, desc: str = "eval",
+                   quiet: bool | None = None) -> dict[str, Any]:
+    """``{"top1", "top5", "loss", "images"}`` of one model (fractions in [0, 1], mean loss)."""
+    from .evaluate import evaluate
+    return _result_dict(evaluate(model, batches, progress=not is_quiet(quiet), desc=desc))
+
+
+def accuracy_dict(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``accuracy`` object from two :func:`evaluate_model` results."""
+    return {
+        "before": {k: before[k] for k in ("top1", "top5", "loss")},
+        "after": {k: after[k] for k in ("top1", "top5", "loss")},
+        "drop_top1": round((before["top1"] - after["top1"]) * 100, 6),
+        "drop_top5": round((before["top5"] - after["top5"]) * 100, 6),
+        "images": after["images"],
+    }
+
+
+def measure_accuracy(original: nn.Module, decomposed: nn.Module, batches: Sequence[Batch], *,
+                     before: dict[str, Any] | None = None, quiet: bool | None = None
+                     ) -> dict[str, Any]:
+    """Accuracy of both models on the same ``batches`` (a list, e.g. from :func:`cache_batches`).
+
+    ``before``: an earlier :func:`evaluate_model` result of ``original`` on the same batches, to
+    skip evaluating it again (sweeps). ``drop_top1`` is in percentage points.
+    """
+    if before is None:
+        before = evaluate_model(original, batches, desc="eval original", quiet=quiet)
+    after = evaluate_model(decomposed, batches, desc="eval decomposed", quiet=quiet)
+    return accuracy_dict(before, after)
+
+
+# -------------------------------------------------------------------------------- output error
+def sqnr_db(signal_sq: float, noise_sq: float) -> float | None:
+    """``10 log10(signal / noise)``; None when the noise is exactly zero (identical outputs)."""
+    if noise_sq <= 0:
+        return None
+    if signal_sq <= 0:
+        return -math.inf
+    return 10.0 * math.log10(signal_sq / noise_sq)
+
+
+def measure_output_error(original: nn.Module, decomposed: nn.Module, layers: list[LayerPlan],
+                         batches: Iterable[Batch] | Iterable[torch.Tensor], *,
+                         max_images: int = 256, folded: dict[str, str] | None = None
+                         ) -> dict[str, Any]:
+    """SQNR of the final outputs and each decoupled layer's own relative output error.
+
+    Runs the first ``max_images`` images through both models. Per layer, a forward hook on the
+    original conv feeds the very input it received to the decoupled module of ``decomposed``
+    and accumulates ``||f_dec(x) - f_orig(x)||^2`` and ``||f_orig(x)||^2`` over all images;
+    ``output_rel_error`` (written to ``lp.extra``) is the square root of their ratio.
+
+    ``folded``: conv name -> BatchNorm name for BatchNorms folded into their conv before
+    decoupling (``report.extra["folded_bn"]``); for those the reference ``f_orig`` is the conv
+    followed by its BatchNorm, as the decoupled module computes both.
+
+    Returns ``{"sqnr_db", "images", "input": "original network"}``; ``sqnr_db`` is
+    ``10 log10(sum ||y||^2 / sum ||y - y_hat||^2)`` over the logits y of the original and y_hat
+    of the decomposed model (None if they are bit-identical).
+    """
+    xs = first_images(batches, max_images)
+    done = [lp for lp in layers if lp.skipped is None]
+    folded = folded or {}
+    sums = {lp.name: [0.0, 0.0] for lp in done}
+    stash: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name: str):
+        def fn(mod, inputs):
+            stash[name] = inputs[0]
+        return fn
+
+    def compare(name: str, dec: nn.Module):
+        def fn(mod, inputs, output):
+            d = dec(stash.pop(name)).double()
+            o = output.double()
+            sums[name][0] += float((d - o).pow(2).sum())
+            sums[name][1] += float(o.pow(2).sum())
+        return fn
+
+    for lp in done:
+        conv = original.get_submodule(lp.name)
+        out_module = original.get_submodule(folded[lp.name]) if lp.name in folded else conv
+        handles.append(conv.register_forward_pre_hook(keep(lp.name)))
+        handles.append(out_module.register_forward_hook(
+            compare(lp.name, decomposed.get_submodule(lp.name))))
+    signal = noise = 0.0
+    images = 0
+    try:
+        with _eval_mode(original, decomposed), torch.inference_mode():
+            for x in xs:
+                y = _forward(original, x, "original").double()
+                y_hat = _forward(decomposed, x, "decomposed").double()
+                signal += float(y.pow(2).sum())
+                noise += float((y - y_hat).pow(2).sum())
+                images += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for lp in done:
+        err, ref = sums[lp.name]
+        lp.extra["output_rel_error"] = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else None)
+    return {"sqnr_db": sqnr_db(signal, noise), "images": images, "input": "original network"}
+
+
+# ------------------------------------------------------------------------------------- latency
+def _calls_for(module: nn.Module, x: torch.Tensor, min_ms: float) -> int:
+    """How many calls make one timed sample last at least ``min_ms`` (1 to 1000)."""
+    with torch.inference_mode():
+        module(x)
+        t0 = time.perf_counter()
+        module(x)
+        ms = (time.perf_counter() - t0) * 1e3
+    return max(1, min(1000, math.ceil(min_ms / max(ms, 1e-4))))
+
+
+def _time_pair(before: nn.Module, after: nn.Module, x: torch.Tensor, *, repeats: int,
+               warmup: int, threads: int | None, min_sample_ms: float) -> dict[str, Any]:
+    number = _calls_for(before, x, min_sample_ms)
+    res = compare_latency({"before": before, "after": after}, x, repeats=repeats, warmup=warmup,
+                          number=number, threads=threads)
+    return {"before_ms": res["before"].median_ms, "after_ms": res["after"].median_ms,
+            "speedup": speedups(res, "before")["after"], "threads": res["before"].threads,
+            "number": number}
+
+
+def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """The input each named submodule receives when ``model(x)`` runs (first call, cloned)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(mod, inputs):
+            if name not in seen:
+                seen[name] = inputs[0].detach().clone()
+        return fn
+
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            _forward(model, x, "original")
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def latency_input(model: nn.Module, input_shape: Sequence[int], batch_size: int,
+                  batches: Sequence[Batch] | None = None) -> tuple[torch.Tensor, str]:
+    """A batch to time on: real images when ``batches`` are given, else seeded N(0, 1) noise."""
+    if batches:
+        xs = first_images(batches, batch_size)
+        x = torch.cat(xs) if xs else None
+        if x is not None and len(x) == batch_size:
+            return x.contiguous(), "images"
+    g = torch.Generator().manual_seed(0)
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    x = torch.randn(batch_size, *input_shape, generator=g).to(dtype=dtype, device=_device(model))
+    return x, "random"
+
+
+def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[LayerPlan],
+                    x: torch.Tensor, *, repeats: int = 20, warmup: int = 3,
+                    threads: int | None = None, per_layer: bool = True,
+                    min_sample_ms: float = 1.0, folded: dict[str, str] | None = None,
+                    quiet: bool | None = None) -> dict[str, Any]:
+    """Median latency of both models on ``x`` (whole model, and every decoupled layer).
+
+    Args:
+        x: the input batch; its first dimension is the batch size reported.
+        repeats: interleaved timed rounds per comparison (default 20).
+        warmup: untimed calls of each module first (default 3).
+        threads: ``torch.set_num_threads`` while timing (default: leave as it is); the count
+            used is reported.
+        per_layer: also time each decoupled layer against its original conv, on the input it
+            receives in the original network, and write ``latency_before_ms`` /
+            ``latency_after_ms`` into ``lp.extra``.
+        min_sample_ms: a timed sample repeats the call until it lasts about this long (for
+            layers that take microseconds); the mean per call is reported.
+        folded: conv name -> folded BatchNorm name; such a layer is timed against the original
+            conv followed by its BatchNorm (what the decoupled module replaces).
+
+    Returns the report's ``latency`` object: ``before_ms``, ``after_ms``, ``speedup`` (median of
+    paired round ratios, > 1 is faster), ``batch_size``, ``threads``, ``repeats``, ``warmup``.
+    """
+    done = [lp for lp in layers if lp.skipped is None]
+    with _eval_mode(original, decomposed):
+        whole = _time_pair(original, decomposed, x, repeats=repeats, warmup=warmup,
+                           threads=threads, min_sample_ms=min_sample_ms)
+        if per_layer and done:
+            inputs = capture_inputs(original, [lp.name for lp in done], x)
+            for lp in progress(done, desc="time layers", unit="layer", quiet=quiet):
+                if lp.name not in inputs:
+                    continue
+                one = _time_pair(_replaced(original, lp.name, folded or {}),
+                                 decomposed.get_submodule(lp.name), inputs[lp.name],
+                                 repeats=repeats, warmup=warmup, threads=threads,
+                                 min_sample_ms=min_sample_ms)
+                lp.extra["latency_before_ms"] = one["before_ms"]
+                lp.extra["latency_after_ms"] = one["after_ms"]
+                lp.extra["latency_speedup"] = one["speedup"]
+    return {"before_ms": whole["before_ms"], "after_ms": whole["after_ms"],
+            "speedup": whole["speedup"], "batch_size": int(x.shape[0]),
+            "threads": whole["threads"], "repeats": repeats, "warmup": warmup,
+            "per_layer": bool(per_layer and done)}
+
+
+def _replaced(original: nn.Module, name: str, folded: dict[str, str]) -> nn.Module:
+    """What the decoupled module at ``name`` replaces: the conv, or the conv and its folded BN."""
+    conv = original.get_submodule(name)
+    if name not in folded:
+        return conv
+    return nn.Sequential(conv, original.get_submodule(folded[name]))
+
+
+# ----------------------------------------------------------------------------------- all of it
+def measure(report: Report, original: nn.Module, decomposed: nn.Module, *,
+            batches: Sequence[Batch] | None = None, latency: bool = True,
+            latency_batch: int = 1, repeats: int = 20, threads: int | None = None,
+            error_images: int = 256, before: dict[str, Any] | None = None,
+            quiet: bool | None = None) -> Report:
+    """Fill ``report.accuracy``, ``report.output_error`` and ``report.latency`` (in place).
+
+    Args:
+        report: what :func:`decompose.decompose_` returned for ``decomposed``.
+        original: the model before decomposition (e.g. a ``copy.deepcopy`` taken first).
+        decomposed: the model after.
+        batches: labelled ``(images, labels)`` batches (a list, see :func:`cache_batches`); when
+            None, accuracy and output error are left out and latency runs on random inputs.
+        latency: measure latency (default True).
+        latency_batch: batch size of the latency input (default 1).
+        repeats: timed rounds per latency comparison (default 20).
+        threads: torch threads while timing (default: as set).
+        error_images: images used for the output error (default 256).
+        before: an earlier evaluation of ``original`` on ``batches`` (skips that pass).
+    """
+    folded = {c: b for c, b in report.extra.get("folded_bn", [])}
+    if batches is not None:
+        if not batches:
+            raise DecomposeError("the data folder gave no images; point --data at a folder "
+                                 "of class sub-folders holding images")
+        check_input_shape(tuple(batches[0][0].shape[1:]), report)
+        report.accuracy = measure_accuracy(original, decomposed, batches, before=before,
+                                           quiet=quiet)
+        report.output_error = measure_output_error(original, decomposed, report.layers, batches,
+                                                   max_images=error_images, folded=folded)
+    if latency:
+        x, kind = latency_input(original, report.input_shape, latency_batch, batches)
+        report.latency = measure_latency(original, decomposed, report.layers, x, repeats=repeats,
+                                         threads=threads, folded=folded, quiet=quiet)
+        report.latency["input"] = kind
+    return report
+
+
+__all__ = ["Batches", "accuracy_dict", "cache_batches", "capture_inputs", "check_input_shape",
+           "evaluate_model", "first_images", "latency_input", "measure", "measure_accuracy",
+           "measure_latency", "measure_output_error", "sqnr_db"]
