@@ -468,15 +468,16 @@ def check_outputs(output: str | os.PathLike | None, config: FinetuneConfig, *,
         if config.checkpoint is None:
             raise DecomposeError("resuming needs the checkpoint; give --checkpoint PATH")
         own_output = ckpt.read_checkpoint(config.checkpoint).get("output")
-    elif config.checkpoint is not None and Path(config.checkpoint).exists() and not force:
+    if output is not None:
+        mine = own_output is not None and Path(own_output).resolve() == Path(output).resolve()
+        check_writable(output, force=force or mine)
+    if not resume and config.checkpoint is not None and Path(config.checkpoint).exists() \
+            and not force:
         raise DecomposeError(f"checkpoint {config.checkpoint} exists from an earlier run; pass "
                              "--resume to continue it or --force to start over")
     for path in (config.checkpoint, config.log):
         if path is not None:
             check_writable(path, force=True)
-    if output is not None:
-        mine = own_output is not None and Path(own_output).resolve() == Path(output).resolve()
-        check_writable(output, force=force or mine)
 
 
 # ------------------------------------------------------------------------------------ the loop

@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from ._common import DefaultGroup
 from .demo import demo_cmd
+from .finetune import finetune_cmd
 from .run import report_cmd, run_cmd
 
 
@@ -25,6 +26,7 @@ def cli() -> None:
 cli.add_command(run_cmd)
 cli.add_command(report_cmd)
 cli.add_command(demo_cmd)
+cli.add_command(finetune_cmd)
 
 
 def main() -> None:
