@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -9,23 +12,47 @@ import click
 from .. import api
 from ..io import check_writable, default_output, load_model, save_model
 from ..metrics import infer_input_shape
-from ._common import RANK_KEYS, config_from_options, emit, log, model_options, pop_keys, rank_options
+from ..progress import quiet_progress
+from ._common import (
+    RANK_KEYS,
+    config_from_options,
+    emit,
+    log,
+    model_options,
+    pop_keys,
+    rank_options,
+)
+from ._measure import DATA_KEYS, LATENCY_KEYS, data_options, latency_options, make_loader_from
 
 
 def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False, output=None,
-                   force=False, quiet=False, write=True):
-    """Load, plan, (decouple, save). Returns (report, loaded, output path or None)."""
+                   force=False, quiet=False, write=True, data_shape=None,
+                   before_save: Callable | None = None):
+    """Load, plan, (decouple, measure, save). Returns (report, loaded, output path or None).
+
+    ``data_shape``: one sample's shape from --data, used to count multiply-adds when neither
+    --input-shape nor the model says its input shape. ``before_save(report, original,
+    decomposed)`` runs after decoupling and before saving (so a data problem leaves no file
+    behind), with an untouched copy of the model as ``original``.
+    """
     out = Path(output) if output else default_output(model_path)
     if write:
         check_writable(out, force)  # fail before any work
     loaded = load_model(model_path, arch=arch, allow=allow, trust=trust)
     log(f"loaded {model_path} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
     model = loaded.model
+    if data_shape is not None and config.input_shape is None:
+        _, source = infer_input_shape(model, None, loaded.meta)
+        if source == "default":
+            config = dataclasses.replace(config, input_shape=tuple(data_shape))
     if not write:
         return api.plan(model, config, meta=loaded.meta), loaded, None
+    original = copy.deepcopy(model) if before_save is not None else None
     report = api.decompose_(model, config, meta=loaded.meta)
     if not report.decomposed:
         return report, loaded, None
+    if before_save is not None:
+        before_save(report, original, model)
     meta = {
         "config": config.to_dict(),
         "input_shape": list(report.input_shape),
@@ -35,6 +62,9 @@ def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False,
         "layers": [{"name": lp.name, "order": lp.order, "rank": lp.rank}
                    for lp in report.decomposed],
     }
+    for key in ("accuracy", "output_error", "latency"):
+        if getattr(report, key) is not None:
+            meta[key] = getattr(report, key)
     report.output = str(save_model(model, out, meta, force=force))
     return report, loaded, out
 
@@ -50,6 +80,11 @@ def _nothing_to_do(report, model_path: str) -> None:
 @click.argument("model", type=click.Path(dir_okay=True))
 @rank_options
 @model_options
+@data_options()
+@latency_options
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write PNG figures to DIR: singular-value energy and kernel error vs rank "
+                   "per layer (needs matplotlib).")
 @click.option("-o", "--output", type=click.Path(), help="Where to write the decomposed model. "
               "Default: MODEL.decomposed.pt next to MODEL.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -59,21 +94,54 @@ def run_cmd(model: str, **opts) -> None:
     """Decouple every k x k convolution of MODEL into depthwise + pointwise pieces.
 
     Writes MODEL.decomposed.pt (never overwriting without --force) and prints a per-layer report.
+    The original and the decomposed model are timed side by side (--no-latency to skip); with
+    --data the report adds top-1/top-5 before and after on the same images, the SQNR of the
+    outputs and each layer's own output error (docs/report.md explains every number).
 
     \b
     Examples:
       decompose model.pt --rank 1
       decompose resnet20.th --arch decompose.models.cifar_resnet:resnet20 --energy 0.9 --json
-      decompose model.pt --target-macs 0.4 --exclude conv1 -o small.pt
+      decompose resnet20.th --arch decompose.models.cifar_resnet:resnet20 --rank 2 \\
+          --exclude conv1 --data cifar10/test --limit 2000 --plot figures/
+      decompose model.pt --target-macs 0.4 --exclude conv1 -o small.pt --no-latency
     """
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
-    report, _, out = decompose_file(model, config, arch=opts["arch"], allow=opts["allow"],
-                                    trust=opts["trust"], output=opts["output"],
-                                    force=opts["force"], quiet=opts["quiet"])
-    if out is None:
-        _nothing_to_do(report, model)
+    data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
+    quiet = opts["quiet"]
+    with quiet_progress(quiet):
+        if opts["plot_dir"]:
+            from ..plots import require_matplotlib
+            require_matplotlib()  # fail before any work
+        loader = make_loader_from(data_opts)
+        batches = data_shape = None
+        if loader is not None:
+            from ..measure import cache_batches
+            batches = cache_batches(loader)
+            data_shape = tuple(batches[0][0].shape[1:]) if batches else None
+        kept = {}
+
+        def before_save(report, original, decomposed):
+            if batches is not None or lat["latency"]:
+                from ..measure import measure
+                measure(report, original, decomposed, batches=batches, latency=lat["latency"],
+                        latency_batch=lat["latency_batch"], repeats=lat["repeats"],
+                        threads=lat["threads"])
+            kept["original"] = original
+
+        needed = batches is not None or lat["latency"] or opts["plot_dir"]
+        report, _, out = decompose_file(
+            model, config, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
+            output=opts["output"], force=opts["force"], quiet=quiet, data_shape=data_shape,
+            before_save=before_save if needed else None)
+        if out is None:
+            _nothing_to_do(report, model)
+        if opts["plot_dir"]:
+            from ..plots import plot_report
+            for path in plot_report(report, kept["original"], opts["plot_dir"]):
+                log(f"wrote {path}", quiet)
     emit(report, opts["as_json"])
-    log(f"wrote {out}", opts["quiet"])
+    log(f"wrote {out}", quiet)
 
 
 @click.command("report")

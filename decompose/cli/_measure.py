@@ -1,0 +1,111 @@
+"""Options shared by the commands that measure: data (--data, preprocessing, --limit), latency
+(--latency, --latency-batch, --threads, --repeats) and list flags (--ranks 1,2,3).
+
+Parsing only: the measuring itself is :mod:`decompose.measure` and :mod:`decompose.sweep`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..errors import DecomposeError
+
+DATA_KEYS = ["data", "limit", "seed", "batch_size", "resize", "crop", "mean", "std", "grayscale"]
+LATENCY_KEYS = ["latency", "latency_batch", "threads", "repeats"]
+
+
+def parse_list(text: str | None, flag: str, kind: type, example: str) -> list[Any]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; a one-line DecomposeError naming the flag otherwise."""
+    if text is None:
+        return []
+    parts = [p.strip() for p in str(text).split(",")]
+    word = "integers" if kind is int else "numbers"
+    try:
+        if not parts or any(p == "" for p in parts):
+            raise ValueError
+        return [kind(p) for p in parts]
+    except ValueError:
+        raise DecomposeError(f"{flag} must be comma-separated {word}, got {text!r}; e.g. "
+                             f"{flag} {example}") from None
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    return tuple(parse_list(text, flag, float, "0.485,0.456,0.406"))
+
+
+def _positive(ctx, param, value):
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+def data_options(required: bool = False) -> Callable[[Callable], Callable]:
+    """--data and how its images become tensors (decompose.data.make_loader's arguments)."""
+    def deco(f: Callable) -> Callable:
+        opts = [
+            click.option("--data", metavar="DIR", required=required,
+                         type=click.Path(exists=False, file_okay=True, dir_okay=True),
+                         help="Labelled images: a folder of class sub-folders (DIR/<class>/*.jpg, "
+                              "sorted names = labels) or an .npz with x and y."
+                              + ("" if required else " Adds accuracy and output error to the "
+                                 "report.")),
+            click.option("--limit", type=int, callback=_positive, metavar="N",
+                         help="Use a seeded random subset of N images (same ones every run)."),
+            click.option("--seed", type=int, default=0, show_default=True,
+                         help="Seed of the --limit subset."),
+            click.option("--batch-size", type=int, default=128, show_default=True,
+                         callback=_positive, help="Images per evaluation batch."),
+            click.option("--resize", type=int, callback=_positive, metavar="PX",
+                         help="Resize the shorter side to PX pixels first."),
+            click.option("--crop", type=int, callback=_positive, metavar="PX",
+                         help="Then center-crop to PX x PX."),
+            click.option("--mean", metavar="M[,M,M]",
+                         help="Normalisation mean. Default ImageNet's 0.485,0.456,0.406 (what the "
+                              "CIFAR ResNets were trained with)."),
+            click.option("--std", metavar="S[,S,S]",
+                         help="Normalisation std. Default ImageNet's 0.229,0.224,0.225."),
+            click.option("--grayscale", is_flag=True,
+                         help="Read images as one channel (default mean/std then 0.449/0.226)."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def latency_options(f: Callable) -> Callable:
+    """--latency/--no-latency, --latency-batch, --threads, --repeats."""
+    opts = [
+        click.option("--latency/--no-latency", default=True, show_default=True,
+                     help="Time the original and the decomposed model side by side (whole model "
+                          "and every decoupled layer)."),
+        click.option("--latency-batch", type=int, default=1, show_default=True,
+                     callback=_positive, metavar="N", help="Batch size of the timed input."),
+        click.option("--threads", type=int, callback=_positive, metavar="N",
+                     help="torch threads while timing. Default: torch's current setting."),
+        click.option("--repeats", type=int, default=20, show_default=True, callback=_positive,
+                     metavar="N", help="Interleaved timed rounds per comparison (median)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def make_loader_from(opts: dict[str, Any]):
+    """The DataLoader for --data and its preprocessing flags, or None without --data."""
+    if not opts.get("data"):
+        return None
+    from ..data import IMAGENET_MEAN, IMAGENET_STD, make_loader
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if opts["grayscale"]:  # one channel: the average of ImageNet's three
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return make_loader(opts["data"], batch_size=opts["batch_size"], limit=opts["limit"],
+                       seed=opts["seed"], resize=opts["resize"], crop=opts["crop"],
+                       mean=parse_floats(opts["mean"], "--mean") or mean,
+                       std=parse_floats(opts["std"], "--std") or std,
+                       grayscale=opts["grayscale"])

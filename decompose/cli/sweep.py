@@ -1,0 +1,110 @@
+"""``decompose sweep MODEL --ranks 1,2,3``: one row per setting, measured the same way."""
+
+from __future__ import annotations
+
+import click
+
+from ..io import load_model
+from ..progress import quiet_progress
+from ._common import emit, log, model_options, parse_shape, pop_keys
+from ._measure import (
+    DATA_KEYS,
+    LATENCY_KEYS,
+    data_options,
+    latency_options,
+    make_loader_from,
+    parse_list,
+)
+
+ORDERS = ("auto", "dw-pw", "pw-dw")
+
+
+def _orders(text: str) -> list[str]:
+    from ..errors import DecomposeError
+    orders = [o.strip() for o in text.split(",")]
+    bad = [o for o in orders if o not in ORDERS]
+    if bad or not orders:
+        raise DecomposeError(f"--orders takes a comma-separated list of {', '.join(ORDERS)}; "
+                             f"got {text!r}")
+    return orders
+
+
+@click.command("sweep")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--ranks", metavar="T,T,...", help="Ranks to try, e.g. 1,2,3,4,9.")
+@click.option("--energies", metavar="E,E,...", help="Kept-energy fractions to try, e.g. 0.5,0.8.")
+@click.option("--targets", metavar="F,F,...",
+              help="Global MACs budgets (fraction of the decomposable layers' MACs), e.g. 0.3,0.5.")
+@click.option("--orders", default="auto", show_default=True, metavar="O,O,...",
+              help="Orders to try each setting in: auto, dw-pw, pw-dw (comma-separated).")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Only convs whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Leave convs whose name matches alone (repeatable), e.g. conv1.")
+@click.option("--input-shape", metavar="C,H,W",
+              help="One input sample's shape. Default: the model's, else the data's.")
+@model_options
+@data_options()
+@latency_options
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the rows to FILE as CSV.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write DIR/sweep.png: top-1 and measured speed-up against MACs (matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
+def sweep_cmd(model: str, **opts) -> None:
+    """Decompose MODEL at several settings and measure each: one row per setting.
+
+    Each row: MACs and params ratio (whole model), mean kernel error, top-1 and its drop on
+    --data (the original is evaluated once, on the same images), SQNR of the outputs, and the
+    measured speed-up of the whole model. Nothing is written but --csv and --plot.
+
+    \b
+    Examples:
+      decompose sweep model.pt --ranks 1,2,3,4,9
+      decompose sweep resnet20.th --arch decompose.models.cifar_resnet:resnet20 \\
+          --ranks 1,2,3 --orders dw-pw,pw-dw --exclude conv1 --data cifar10/test --limit 2000
+      decompose sweep model.pt --energies 0.5,0.8 --targets 0.3,0.5 --data imgs/ --csv s.csv
+    """
+    from ..metrics import infer_input_shape
+    from ..sweep import sweep, sweep_configs
+    data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
+    quiet = opts["quiet"]
+    ranks = parse_list(opts["ranks"], "--ranks", int, "1,2,3")
+    energies = parse_list(opts["energies"], "--energies", float, "0.5,0.8")
+    targets = parse_list(opts["targets"], "--targets", float, "0.3,0.5")
+    orders = _orders(opts["orders"])
+    shape = parse_shape(opts["input_shape"])
+    common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]))
+    sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)  # validate
+    if opts["plot_dir"]:
+        from ..plots import require_matplotlib
+        require_matplotlib()
+    with quiet_progress(quiet):
+        loader = make_loader_from(data_opts)
+        loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"])
+        log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
+        batches = None
+        if loader is not None:
+            from ..measure import cache_batches
+            batches = cache_batches(loader)
+            if shape is None and batches:
+                _, source = infer_input_shape(loaded.model, None, loaded.meta)
+                if source == "default":
+                    shape = tuple(batches[0][0].shape[1:])
+        configs = sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)
+        log(f"{len(configs)} settings", quiet)
+        result = sweep(loaded.model, configs, batches=batches, meta=loaded.meta,
+                       latency=lat["latency"], latency_batch=lat["latency_batch"],
+                       repeats=lat["repeats"], threads=lat["threads"])
+    if opts["csv_path"]:
+        log(f"wrote {result.to_csv(opts['csv_path'])}", quiet)
+    if opts["plot_dir"]:
+        from pathlib import Path
+
+        from ..plots import plot_sweep
+        path = plot_sweep(result.rows, Path(opts["plot_dir"]) / "sweep.png",
+                          baseline_top1=result.baseline.get("top1"),
+                          title=f"{Path(model).name}: {len(result.rows)} settings")
+        log(f"wrote {path}", quiet)
+    emit(result, opts["as_json"])

@@ -1,0 +1,212 @@
+"""PNG figures of a report and of a sweep (matplotlib, optional: ``pip install decompose[plot]``).
+
+* ``spectra.png``: per decoupled layer, the fraction of squared singular values kept at T = 1..r
+  ("energy kept vs T"), one panel per order; a dot marks the rank the plan chose.
+* ``kernel_error.png``: per decoupled layer, the relative kernel error ``||W - W_T|| / ||W||`` vs
+  T, one panel per order; a dot marks the chosen rank.
+* ``sweep.png``: top-1 against the MACs ratio (left) and measured speed-up against the MACs ratio
+  (right, with the speed-up fewer multiply-adds alone would promise as a dashed line).
+
+Figures are written with the non-interactive Agg backend; nothing is shown on screen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import DecomposeError
+from .kernel import ORDER_NAMES, energy_curve, error_curve, singular_values
+from .report import Report
+
+LEGEND_MAX = 12  # more layers than this: a colour bar by depth instead of a legend
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` on the Agg backend, or a one-line error saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise DecomposeError("--plot needs matplotlib; install it with pip install matplotlib "
+                             "(or pip install 'decompose[plot]'), or drop --plot") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def layer_curves(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, dict[str, list]]]:
+    """``{layer: {order: {"energy": [...], "error": [...]}}}`` for the named convs of ``model``
+    (the original, undecomposed one), T = 1..full rank, both orders."""
+    out: dict[str, dict[str, dict[str, list]]] = {}
+    for name in names:
+        conv = model.get_submodule(name)
+        out[name] = {}
+        for order in ORDER_NAMES:
+            s = singular_values(conv.weight, conv.groups, order)
+            out[name][order] = {"energy": energy_curve(s).tolist(),
+                                "error": error_curve(s).tolist()}
+    return out
+
+
+def _layer_colours(plt, n: int):
+    cmap = plt.get_cmap("viridis")
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _curve_figure(plt, curves: dict, chosen: dict[str, tuple[str, int]], key: str, ylabel: str,
+                  title: str, path: Path) -> Path:
+    names = list(curves)
+    colours = _layer_colours(plt, len(names))
+    fig, axes = plt.subplots(1, len(ORDER_NAMES), figsize=(11, 4.4), sharey=True,
+                             layout="constrained")
+    for ax, order in zip(axes, ORDER_NAMES):
+        for name, colour in zip(names, colours):
+            ys = curves[name][order][key]
+            ts = list(range(1, len(ys) + 1))
+            ax.plot(ts, ys, color=colour, lw=1.2, alpha=0.85, label=name)
+            o, t = chosen.get(name, (None, None))
+            if o == order and t is not None and t <= len(ys):
+                ax.plot([t], [ys[t - 1]], "o", color=colour, ms=5, mec="black", mew=0.6)
+        ax.set_title(f"{order}" + (" (depthwise first)" if order == "dw-pw"
+                                   else " (pointwise first)"))
+        ax.set_xlabel("rank T (depthwise-separable terms kept)")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel(ylabel)
+    if len(names) <= LEGEND_MAX:
+        axes[-1].legend(fontsize=7, loc="best")
+    else:
+        sm = plt.cm.ScalarMappable(cmap="viridis",
+                                   norm=plt.Normalize(vmin=1, vmax=len(names)))
+        cbar = fig.colorbar(sm, ax=list(axes), pad=0.01, aspect=30)
+        cbar.set_label(f"layer, in network order (1 = {names[0]}, {len(names)} = {names[-1]})",
+                       fontsize=8)
+    fig.suptitle(title + " — dot: the rank chosen (in the order chosen)", fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_spectra(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path) -> Path:
+    """Energy kept (fraction of squared singular values) vs T per layer, both orders."""
+    plt = require_matplotlib()
+    return _curve_figure(plt, curves, chosen, "energy", "energy kept (fraction of sum s²)",
+                         "Singular-value spectra per layer", Path(path))
+
+
+def plot_kernel_error(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path
+                      ) -> Path:
+    """Relative kernel error vs T per layer, both orders."""
+    plt = require_matplotlib()
+    return _curve_figure(plt, curves, chosen, "error", "relative kernel error ||W-W_T||/||W||",
+                         "Kernel error vs rank per layer", Path(path))
+
+
+def plot_report(report: Report, original: nn.Module, out_dir: str | Path) -> list[Path]:
+    """``spectra.png`` and ``kernel_error.png`` of the layers ``report`` decoupled, computed
+    from ``original`` (the model before decomposition). Returns the paths written."""
+    require_matplotlib()
+    out = _out_dir(out_dir)
+    done = report.decomposed
+    if not done:
+        return []
+    curves = layer_curves(original, [lp.name for lp in done])
+    chosen = {lp.name: (lp.order, lp.rank) for lp in done}
+    return [plot_spectra(curves, chosen, out / "spectra.png"),
+            plot_kernel_error(curves, chosen, out / "kernel_error.png")]
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path,
+               baseline_top1: float | None = None, title: str = "") -> Path:
+    """Top-1 vs MACs ratio and measured speed-up vs MACs ratio, one line per order/rule.
+
+    ``rows``: sweep rows with ``macs_ratio``, ``top1`` (or None), ``speedup`` (or None),
+    ``order`` and ``rule`` (``rank``, ``energy``, ``target_macs``), as :mod:`decompose.sweep`
+    makes them.
+    """
+    plt = require_matplotlib()
+    path = Path(path)
+    _out_dir(path.parent)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    skipped = [r for r in rows if r.get("layers_decomposed") == 0]
+    for r in rows:
+        if r.get("layers_decomposed") == 0:
+            continue  # nothing decoupled: the original model, drawn as the baseline
+        groups.setdefault(f"{r.get('rule', '')} {r.get('order', '')}".strip(), []).append(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    markers = "osD^v<>p*"
+    for i, (label, rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: r["macs_ratio"])
+        xs = [r["macs_ratio"] for r in rs]
+        m = markers[i % len(markers)]
+        acc = [(x, r["top1"] * 100) for x, r in zip(xs, rs) if r.get("top1") is not None]
+        if acc:
+            ax1.plot(*zip(*acc), marker=m, ms=4, lw=1.2, label=label)
+            for (x, y), r in zip(acc, [r for r in rs if r.get("top1") is not None]):
+                ax1.annotate(_tag(r), (x, y), fontsize=6, xytext=(3, -8),
+                             textcoords="offset points")
+        sp = [(x, r["speedup"]) for x, r in zip(xs, rs) if r.get("speedup") is not None]
+        if sp:
+            ax2.plot(*zip(*sp), marker=m, ms=4, lw=1.2, label=label)
+            for (x, y), r in zip(sp, [r for r in rs if r.get("speedup") is not None]):
+                ax2.annotate(_tag(r), (x, y), fontsize=6, xytext=(3, -8),
+                             textcoords="offset points")
+    if baseline_top1 is not None:
+        ax1.axhline(baseline_top1 * 100, color="grey", ls="--", lw=1,
+                    label=f"original {baseline_top1:.1%}")
+    xs_all = sorted(r["macs_ratio"] for r in rows if r.get("macs_ratio"))
+    if xs_all:
+        lo, hi = xs_all[0], max(xs_all[-1], 1.0)
+        grid = [lo + (hi - lo) * i / 50 for i in range(51)]
+        ax2.plot(grid, [1 / x for x in grid], color="grey", ls=":", lw=1,
+                 label="1 / MACs ratio (if time ∝ MACs)")
+    ax2.axhline(1.0, color="black", lw=0.8)
+    ax1.set_xlabel("MACs ratio (decomposed / original, whole model)")
+    ax2.set_xlabel("MACs ratio (decomposed / original, whole model)")
+    ax1.set_ylabel("top-1 accuracy (%)")
+    ax2.set_ylabel("measured speed-up (original ms / decomposed ms)")
+    ax2.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    ax2.yaxis.set_major_locator(LogLocator(base=2))
+    ax2.yaxis.set_minor_locator(LogLocator(base=2, subs=(1.5,)))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax2.yaxis.set_major_formatter(plain)
+    ax2.yaxis.set_minor_formatter(plain)
+    if skipped:  # a legend entry with no line
+        names = ", ".join(r.get("setting", "?") for r in skipped[:4])
+        more = f" +{len(skipped) - 4}" if len(skipped) > 4 else ""
+        ax1.plot([], [], " ", label=f"not drawn (nothing decoupled): {names}{more}")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    ax1.set_title("accuracy vs multiply-adds")
+    ax2.set_title("speed-up vs multiply-adds (> 1 is faster)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _tag(row: dict[str, Any]) -> str:
+    """'T=2' from a row's 'T=2 auto' setting."""
+    return str(row.get("setting", "")).split(" ")[0]
+
+
+def _out_dir(d: str | Path) -> Path:
+    p = Path(d)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DecomposeError(f"cannot create plot folder {p} ({e.strerror}); pass another "
+                             "--plot DIR") from None
+    if not p.is_dir():
+        raise DecomposeError(f"--plot {p} is not a folder; pass a folder path")
+    return p
+
+
+__all__ = ["layer_curves", "plot_kernel_error", "plot_report", "plot_spectra", "plot_sweep",
+           "require_matplotlib"]

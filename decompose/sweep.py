@@ -1,0 +1,240 @@
+"""Sweeps: one model decomposed at many settings, every setting measured the same way.
+
+    from decompose.sweep import sweep, sweep_configs
+    configs = sweep_configs(ranks=[1, 2, 3], orders=["auto"], exclude=["conv1"])
+    result = sweep(model, configs, batches=cache_batches(loader))
+    print(result)              # one row per setting
+    result.to_csv("sweep.csv")
+
+Each setting decomposes a fresh copy of the model and gets one row: the MACs and parameter
+ratios (whole model), the mean kernel error over the decoupled layers, top-1/top-5 on the same
+images as the original (evaluated once), the SQNR of the outputs, and the measured speed-up of
+the whole model (original and decomposed timed side by side, see :mod:`decompose.latency`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import api
+from .config import DecoupleConfig
+from .errors import DecomposeError
+from .measure import (
+    accuracy_dict,
+    check_input_shape,
+    evaluate_model,
+    first_images,
+    latency_input,
+    measure_latency,
+    sqnr_db,
+)
+from .progress import progress
+from .report import Report
+
+RULES = {"rank": "--ranks", "energy": "--energies", "target_macs": "--targets"}
+COLUMNS = ["setting", "rule", "value", "order", "layers_decomposed", "macs_ratio",
+           "params_ratio", "decomposed_macs_ratio", "mean_kernel_error", "top1", "top5",
+           "drop_top1", "sqnr_db", "before_ms", "after_ms", "speedup"]
+
+
+def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
+                  targets: Iterable[float] = (), orders: Iterable[str] = ("auto",),
+                  **common: Any) -> list[DecoupleConfig]:
+    """One :class:`DecoupleConfig` per (value, order): every rank, then every energy, then every
+    MACs target, each in every order. ``common``: other config fields (``include``,
+    ``exclude``, ``input_shape``). A bad value raises a one-line error naming its flag."""
+    out = []
+    for rule, values in (("rank", ranks), ("energy", energies), ("target_macs", targets)):
+        for v in values:
+            for order in orders:
+                try:
+                    out.append(DecoupleConfig(**{rule: v}, order=order, **common))
+                except DecomposeError as e:
+                    raise DecomposeError(f"{RULES[rule]}: {e}") from None
+    if not out:
+        raise DecomposeError("nothing to sweep; give --ranks, --energies and/or --targets, "
+                             "e.g. --ranks 1,2,3")
+    return out
+
+
+def _label(config: DecoupleConfig) -> tuple[str, str, float]:
+    rule = config.selection
+    value = getattr(config, rule)
+    short = {"rank": "T", "energy": "E", "target_macs": "MACs"}[rule]
+    return f"{short}={value:g} {config.order}", rule, value
+
+
+@dataclass
+class SweepResult:
+    """The rows of a sweep and the original model's figures they are compared with."""
+
+    rows: list[dict[str, Any]]
+    baseline: dict[str, Any]
+    latency: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "latency": self.latency,
+                "input_shape": list(self.input_shape), "rows": self.rows}
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the rows as CSV (columns :data:`COLUMNS`, empty cells for missing numbers)."""
+        p = Path(path)
+        try:
+            with open(p, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+        except OSError as e:
+            raise DecomposeError(f"cannot write {p} ({e.strerror}); pass another --csv FILE"
+                                 ) from None
+        return p
+
+    def __str__(self) -> str:
+        return render_sweep(self)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_sweep(res: SweepResult) -> str:
+    head = ["setting", "layers", "MACs", "params", "kern.err", "top-1", "drop", "SQNR dB",
+            "speed-up"]
+    rows = [[r["setting"], str(r["layers_decomposed"]), _f(r["macs_ratio"], ".3f"),
+             _f(r["params_ratio"], ".3f"), _f(r["mean_kernel_error"], ".4f"), _pct(r["top1"]),
+             _f(r["drop_top1"], ".2f"), _f(r["sqnr_db"], ".2f"), _f(r["speedup"], ".2f")]
+            for r in res.rows]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    b = res.baseline
+    lines.append("")
+    lines.append("MACs, params: decomposed / original, whole model; kern.err: mean relative "
+                 "kernel error over decoupled layers; drop in top-1 points")
+    if b.get("top1") is not None:
+        lines.append(f"original: top-1 {b['top1']:.2%}, top-5 {b['top5']:.2%} on "
+                     f"{b['images']} images")
+    lat = res.latency
+    if lat:
+        lines.append(f"speed-up: original ms / decomposed ms, whole model, batch "
+                     f"{lat['batch_size']}, {lat['threads']} threads, median of "
+                     f"{lat['repeats']} interleaved rounds (> 1 is faster)")
+    return "\n".join(lines)
+
+
+def _output_sqnr(reference: list[torch.Tensor], model: nn.Module, xs: list[torch.Tensor]
+                 ) -> float | None:
+    signal = noise = 0.0
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for y, x in zip(reference, xs):
+                y_hat = model(x).double()
+                signal += float(y.pow(2).sum())
+                noise += float((y - y_hat).pow(2).sum())
+    finally:
+        model.train(was)
+    return sqnr_db(signal, noise)
+
+
+def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
+          batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+          meta: dict | None = None, latency: bool = True, latency_batch: int = 1,
+          repeats: int = 20, threads: int | None = None, error_images: int = 256,
+          quiet: bool | None = None) -> SweepResult:
+    """Decompose a copy of ``model`` with every config and measure each (``model`` is unchanged).
+
+    Args:
+        model: the original model.
+        configs: e.g. from :func:`sweep_configs`.
+        batches: labelled batches in memory (:func:`decompose.measure.cache_batches`); None
+            leaves top-1 and SQNR out.
+        meta: what the model's file recorded (for the input shape).
+        latency: time every setting against the original (whole model). Default True.
+        latency_batch, repeats, threads: as in :func:`decompose.measure.measure_latency`.
+        error_images: images for the output SQNR. Default 256.
+    """
+    if not configs:
+        raise DecomposeError("nothing to sweep; give at least one setting")
+    model.eval()
+    first = api.plan(model, configs[0], meta=meta)
+    shape = first.input_shape
+    baseline: dict[str, Any] = {"macs": first.totals["macs_before"],
+                                "params": first.totals["params_before"]}
+    before = None
+    xs: list[torch.Tensor] = []
+    reference: list[torch.Tensor] = []
+    if batches is not None:
+        if not batches:
+            raise DecomposeError("the data gave no images; point --data at a folder of class "
+                                 "sub-folders holding images")
+        check_input_shape(tuple(batches[0][0].shape[1:]), first)
+        before = evaluate_model(model, batches, desc="eval original", quiet=quiet)
+        baseline.update(before)
+        xs = first_images(batches, error_images)
+        with torch.inference_mode():
+            reference = [model(x).double() for x in xs]
+    x_lat, kind = latency_input(model, shape, latency_batch, batches) if latency else (None, "")
+    rows = []
+    lat_info: dict[str, Any] = {}
+    for config in progress(configs, desc="sweep", unit="setting", quiet=quiet):
+        label, rule, value = _label(config)
+        new = copy.deepcopy(model)
+        report: Report = api.decompose_(new, config, meta=meta)
+        t = report.totals
+        done = report.decomposed
+        row: dict[str, Any] = {
+            "setting": label, "rule": rule, "value": value, "order": config.order,
+            "layers_decomposed": t["layers_decomposed"],
+            "macs_ratio": t["macs_after"] / t["macs_before"] if t["macs_before"] else None,
+            "params_ratio": t["params_after"] / t["params_before"] if t["params_before"] else None,
+            "decomposed_macs_ratio": t["decomposed_macs_ratio"] if done else None,
+            "mean_kernel_error": (sum(lp.kernel_error for lp in done) / len(done)) if done else None,
+            "top1": None, "top5": None, "drop_top1": None, "sqnr_db": None,
+            "before_ms": None, "after_ms": None, "speedup": None,
+            "ranks": {lp.name: [lp.order, lp.rank] for lp in done},
+        }
+        if not done:  # the same model as the original: nothing to measure
+            if before is not None:
+                row.update(top1=before["top1"], top5=before["top5"], drop_top1=0.0)
+            row["note"] = "no layer decoupled (no rank is cheaper than the original)"
+        else:
+            if before is not None:
+                after = evaluate_model(new, batches, desc=f"eval {label}", quiet=quiet)
+                acc = accuracy_dict(before, after)
+                row.update(top1=after["top1"], top5=after["top5"], drop_top1=acc["drop_top1"],
+                           sqnr_db=_output_sqnr(reference, new, xs))
+            if x_lat is not None:
+                lat = measure_latency(model, new, report.layers, x_lat, repeats=repeats,
+                                      threads=threads, per_layer=False, quiet=True)
+                row.update(before_ms=lat["before_ms"], after_ms=lat["after_ms"],
+                           speedup=lat["speedup"])
+                lat_info = {k: lat[k] for k in ("batch_size", "threads", "repeats", "warmup")}
+                lat_info["input"] = kind
+        rows.append(row)
+        del new
+    for r in rows:  # JSON has no NaN/Infinity
+        for k, v in r.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                r[k] = None
+    return SweepResult(rows, baseline, lat_info, tuple(shape))
+
+
+__all__ = ["COLUMNS", "SweepResult", "render_sweep", "sweep", "sweep_configs"]
