@@ -7,8 +7,10 @@ import click
 from .. import __version__
 from ._common import DefaultGroup
 from .demo import demo_cmd
+from .eval import eval_cmd
 from .finetune import finetune_cmd
 from .run import report_cmd, run_cmd
+from .sweep import sweep_cmd
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +28,8 @@ def cli() -> None:
 cli.add_command(run_cmd)
 cli.add_command(report_cmd)
 cli.add_command(demo_cmd)
+cli.add_command(eval_cmd)
+cli.add_command(sweep_cmd)
 cli.add_command(finetune_cmd)
 
 
