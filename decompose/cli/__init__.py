@@ -8,6 +8,7 @@ from .. import __version__
 from ._common import DefaultGroup
 from .demo import demo_cmd
 from .eval import eval_cmd
+from .export import export_cmd
 from .finetune import finetune_cmd
 from .run import report_cmd, run_cmd
 from .sweep import sweep_cmd
@@ -31,6 +32,7 @@ cli.add_command(demo_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(sweep_cmd)
 cli.add_command(finetune_cmd)
+cli.add_command(export_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,168 @@
+"""``decompose export MODEL --onnx OUT.onnx``: write ONNX / TorchScript files, checked, and time
+them in onnxruntime against the original model."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import DecomposeError
+from ..io import check_writable, load_model
+from ..metrics import infer_input_shape
+from ._common import emit, log, model_options, parse_number, parse_shape
+
+
+class ExportReport:
+    """What ``decompose export`` did: the files written, and latencies when compared."""
+
+    def __init__(self, model: str, input_shape, source: str) -> None:
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        self.source = source
+        self.exports: list = []
+        self.latency: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "input_shape": list(self.input_shape),
+                "input_shape_source": self.source,
+                "exports": [e.to_dict() for e in self.exports], "latency": self.latency}
+
+    def __str__(self) -> str:
+        shape = ",".join(map(str, self.input_shape))
+        lines = [f"{self.model}: input shape {shape} ({self.source})", "",
+                 f"{'format':<12} {'max abs err':>11} {'max rel err':>11} {'tolerance':>9}  "
+                 f"{'batches':<7} file"]
+        for e in self.exports:
+            how = e.exporter + (f", opset {e.opset}" if e.opset else "")
+            if e.max_abs_err is None:
+                errs = f"{'-':>11} {'-':>11} {'-':>9}"
+            else:
+                errs = f"{e.max_abs_err:>11.2e} {e.max_rel_err:>11.2e} {e.tolerance:>9.0e}"
+            batches = ",".join(map(str, e.checked_batches)) or "-"
+            lines.append(f"{e.format:<12} {errs}  {batches:<7} {e.path}  [{how}]")
+        if self.latency:
+            lat = self.latency
+            lines += ["", f"onnxruntime latency, batch {lat['batch_size']}, "
+                          f"{lat['threads']} intra-op thread(s), {lat['rounds']} alternating "
+                          "rounds, median [quartiles]:"]
+            for name, r in lat["models"].items():
+                speed = "" if name == "original" else f"  {r['speedup']:.2f}x vs original"
+                lines.append(f"  {name:<11} {r['median_ms']:9.3f} ms  "
+                             f"[{r['q1_ms']:.3f} - {r['q3_ms']:.3f}]{speed}")
+        return "\n".join(lines)
+
+
+@click.command("export")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--onnx", "onnx_out", type=click.Path(), metavar="OUT.onnx",
+              help="Write an ONNX file, checked in onnxruntime against PyTorch.")
+@click.option("--torchscript", "ts_out", type=click.Path(), metavar="OUT.pt",
+              help="Write a TorchScript file (torch.jit.trace), checked against PyTorch.")
+@click.option("--input-shape", metavar="C,H,W",
+              help="One input sample's shape. Default: model.input_shape, else the file's.")
+@click.option("--batch-size", default="1", show_default=True, metavar="N",
+              help="Batch of the example input used to export, check and time.")
+@click.option("--opset", metavar="N", help="ONNX opset. Default 17.")
+@click.option("--dynamo", is_flag=True,
+              help="Use torch's torch.export-based ONNX exporter (needs onnxscript) instead of "
+                   "the TorchScript-based one.")
+@click.option("--static-batch", is_flag=True,
+              help="Fix the batch axis to --batch-size (default: dynamic).")
+@click.option("--script", is_flag=True,
+              help="TorchScript by torch.jit.script instead of trace (keeps control flow).")
+@click.option("--tolerance", default="1e-4", show_default=True, metavar="TOL",
+              help="Largest allowed max|export - torch| / max|torch| on seeded random input.")
+@click.option("--no-check", is_flag=True,
+              help="Do not run the written files (onnxruntime is then not needed).")
+@click.option("--compare", metavar="ORIGINAL", type=click.Path(dir_okay=True),
+              help="Also time ORIGINAL (e.g. the model before decomposing) and the exported "
+                   "model in onnxruntime, side by side.")
+@click.option("--threads", metavar="N",
+              help="onnxruntime intra-op threads for --compare. Default: torch's thread count.")
+@click.option("--repeats", default="30", show_default=True, metavar="N",
+              help="Alternating timing rounds for --compare.")
+@model_options
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
+def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dynamo,
+               static_batch, script, tolerance, no_check, compare, threads, repeats, arch,
+               allow, trust, force, as_json, quiet) -> None:
+    """Export MODEL (e.g. a decomposed file) to ONNX and/or TorchScript.
+
+    Each file is checked before it is written: onnxruntime (or torch.jit.load) runs it on seeded
+    random input and its outputs must match PyTorch's within --tolerance, else nothing is
+    written. Existing files are only replaced with --force.
+
+    \b
+    Examples:
+      decompose export r20.decomposed.pt --onnx r20.onnx
+      decompose export r20.decomposed.pt --onnx r20.onnx --torchscript r20.ts.pt
+      decompose export r20.decomposed.pt --onnx r20.onnx --batch-size 64 \\
+          --compare resnet20.th --arch decompose.models.cifar_resnet:resnet20
+    """
+    from .. import export as ex
+
+    if not onnx_out and not ts_out:
+        raise DecomposeError("nothing to write; give --onnx OUT.onnx and/or --torchscript OUT.pt")
+    if compare and not onnx_out:
+        raise DecomposeError("--compare times ONNX files; give --onnx OUT.onnx too")
+    if compare and no_check:
+        raise DecomposeError("--compare runs onnxruntime; leave out --no-check")
+    batch = parse_number(batch_size, "--batch-size", int, "1")
+    opset_n = parse_number(opset, "--opset", int, "17") if opset else ex.DEFAULT_OPSET
+    tol = parse_number(tolerance, "--tolerance", float, "1e-4")
+    n_threads = parse_number(threads, "--threads", int, "2")
+    rounds = parse_number(repeats, "--repeats", int, "30")
+    if batch < 1:
+        raise DecomposeError(f"--batch-size must be >= 1, got {batch}")
+    if not tol > 0:
+        raise DecomposeError(f"--tolerance must be > 0, got {tolerance}; e.g. --tolerance 1e-4")
+    if n_threads is not None and n_threads < 1:
+        raise DecomposeError(f"--threads must be >= 1, got {n_threads}")
+    if rounds < 1:
+        raise DecomposeError(f"--repeats must be >= 1, got {rounds}")
+    shape_given = parse_shape(input_shape)
+    # fail before any work: outputs, packages
+    for out in (onnx_out, ts_out):
+        if out:
+            check_writable(out, force)
+    if onnx_out and ts_out and str(onnx_out) == str(ts_out):
+        raise DecomposeError("--onnx and --torchscript name the same file; give two names")
+    if onnx_out:
+        ex.require_onnx(dynamo)
+        if not no_check:
+            ex.require_onnxruntime()
+
+    loaded = load_model(model, arch=arch, allow=allow, trust=trust)
+    log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
+    shape, source = infer_input_shape(loaded.model, shape_given, loaded.meta)
+    report = ExportReport(model, shape, source)
+    common = dict(input_shape=shape, batch_size=batch, check=not no_check, tolerance=tol,
+                  force=force)
+    if onnx_out:
+        res = ex.export_onnx(loaded.model, onnx_out, opset=opset_n, dynamic_batch=not static_batch,
+                             dynamo=dynamo, **common)
+        report.exports.append(res)
+        log(f"wrote {res.path}", quiet)
+    if ts_out:
+        res = ex.export_torchscript(loaded.model, ts_out,
+                                    method="script" if script else "trace", **common)
+        report.exports.append(res)
+        log(f"wrote {res.path}", quiet)
+    if compare:
+        original = load_model(compare, arch=arch, allow=allow, trust=trust)
+        log(f"loaded {compare} ({original.kind}); exporting it to a temporary ONNX file", quiet)
+        with ex.temporary_onnx(original.model, shape, batch_size=batch, opset=opset_n,
+                               dynamic_batch=not static_batch, dynamo=dynamo,
+                               tolerance=tol) as orig:
+            log(f"timing in onnxruntime: {rounds} alternating rounds", quiet)
+            lat = ex.onnx_latency({"original": orig.path, "exported": onnx_out}, shape,
+                                  batch_size=batch, threads=n_threads, repeats=rounds)
+        base = lat["original"]
+        from ..latency import speedups
+        up = speedups(lat, "original")
+        report.latency = {
+            "batch_size": batch, "threads": base.threads, "rounds": rounds,
+            "runtime": "onnxruntime CPUExecutionProvider",
+            "models": {n: {**r.to_dict(), "speedup": up[n]} for n, r in lat.items()}}
+    emit(report, as_json)
