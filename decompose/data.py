@@ -518,6 +518,26 @@ def collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.
             torch.tensor([y for _, y in batch], dtype=torch.int64))
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose errors from worker processes stay one-line DecomposeErrors (torch
+    re-raises them with the worker's traceback in the message)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DecomposeError as e:
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                if len(lines) <= 1:
+                    raise
+                last = lines[-1].split("DecomposeError: ", 1)[-1]
+                raise DecomposeError(last) from None
+            yield batch
+
+
 def _fmt(shape: Sequence[int]) -> str:
     return f"{shape[-2]}x{shape[-1]} pixels, {shape[0]} channel(s)"
 
@@ -558,8 +578,8 @@ def make_loader(path: str | os.PathLike, *, batch_size: int = 128, limit: int | 
         raise DecomposeError(f"batch_size must be a positive integer, got {batch_size!r}")
     data = open_dataset(path, spec, limit=limit, seed=seed, labels_required=labels_required)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=collate, generator=gen)
+    return _Loader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                   collate_fn=collate, generator=gen)
 
 
 def calibration_batches(path: str | os.PathLike, n_samples: int = 512, batch_size: int = 64,

@@ -331,3 +331,13 @@ def test_cifar_test_folder_reads_as_ten_classes_of_32x32():
                                       "frog", "horse", "ship", "truck"]
     x, y = next(iter(loader))
     assert x.shape == (64, 3, 32, 32) and 0 <= int(y.min()) and int(y.max()) <= 9
+
+
+def test_worker_errors_stay_one_line(tmp_path):
+    path = tmp_path / "d" / "c" / "a.png"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a png")
+    with pytest.raises(DecomposeError, match="a.png") as e:
+        list(make_loader(tmp_path / "d", num_workers=1))
+    _one_line(e)
+    assert str(e.value).startswith("cannot read image")
