@@ -225,8 +225,11 @@ class _Data(Dataset):
     def _image(self, j: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def describe(self, j: int) -> str:
-        """A name for sample ``j`` of the full source (a file path or an array index)."""
+    def describe(self, i: int) -> str:
+        """A name for item ``i`` of this dataset (subset applied): a file path or ``file[index]``."""
+        return self._name(int(self.indices[i]))
+
+    def _name(self, j: int) -> str:
         return f"sample {j}"
 
     def subset(self, limit: int | None, seed: int) -> None:
@@ -261,7 +264,7 @@ class ImageFolderData(_Data):
         self._cache: dict[int, np.ndarray] = {}
         self._cached_bytes = 0
 
-    def describe(self, j: int) -> str:
+    def _name(self, j: int) -> str:
         return str(self.files[j])
 
     def _decode(self, j: int) -> np.ndarray:
@@ -359,7 +362,7 @@ class ArrayData(_Data):
         self.indices = np.arange(len(self.x))
         self._geometric = _Geometric(self.spec.resize, self.spec.crop)
 
-    def describe(self, j: int) -> str:
+    def _name(self, j: int) -> str:
         return f"{self.root}[{j}]"
 
     def _image(self, j: int) -> torch.Tensor:

@@ -81,6 +81,7 @@ def test_limit_is_a_seeded_reproducible_subset(folder):
     assert len(a) == 5 and list(a.indices) == list(b.indices)
     assert list(a.indices) == sorted(a.indices)
     assert list(a.indices) != list(c.indices)
+    assert a.describe(0) == make_loader(root).dataset.describe(int(a.indices[0]))
     assert len(make_loader(root, limit=100).dataset) == 8
     with pytest.raises(DecomposeError, match="limit"):
         make_loader(root, limit=0)
