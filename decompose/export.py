@@ -41,7 +41,8 @@ from .io import atomic_write
 from .latency import Latency, compare_latency
 from .metrics import infer_input_shape
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 17         # the TorchScript-based exporter; onnxruntime >= 1.14 runs it
+DEFAULT_OPSET_DYNAMO = 18  # the lowest the dynamo exporter writes without a version conversion
 DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME = "input"
 
@@ -260,7 +261,7 @@ def _opset_of(path: str) -> int | None:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike,
                 input_shape: tuple[int, ...] | None = None, *, batch_size: int = 1,
-                opset: int | None = DEFAULT_OPSET, dynamic_batch: bool = True,
+                opset: int | None = None, dynamic_batch: bool = True,
                 dynamo: bool = False, check: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE, force: bool = False,
                 meta: dict | None = None) -> ExportResult:
@@ -273,7 +274,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
             ``model.input_shape``, else ``meta["input_shape"]``, else the first conv's channels at
             224x224 (:func:`decompose.metrics.infer_input_shape`).
         batch_size: batch of the example input used to export and check. Default 1.
-        opset: ONNX opset. Default 17 (any onnxruntime >= 1.14 runs it); None: torch's default.
+        opset: ONNX opset. Default (None): 17, or 18 with ``dynamo=True``.
         dynamic_batch: make the batch axis dynamic (then the check also runs another batch
             size). Default True.
         dynamo: use torch's torch.export-based exporter (needs onnxscript) instead of the
@@ -289,6 +290,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
     """
     batch_size = _check_batch(batch_size)
     shape = _resolve_shape(model, input_shape, meta)
+    opset = int(opset) if opset else (DEFAULT_OPSET_DYNAMO if dynamo else DEFAULT_OPSET)
     require_onnx(dynamo)
     if check:
         require_onnxruntime()

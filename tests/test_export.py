@@ -132,7 +132,7 @@ def test_cli_compare_reports_latency(tmp_path, model_file):
              str(original), "--repeats", "3", "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert "onnxruntime latency, batch 1, 1 intra-op thread(s)" in r.stdout
-    assert "vs original" in r.stdout
+    assert "vs original" in r.stdout and "decomposed" in r.stdout
 
 
 def test_cli_existing_output_needs_force(tmp_path, model_file):
@@ -156,6 +156,14 @@ def test_cli_missing_onnxruntime_says_how_to_install(tmp_path, model_file, monke
                                  "--no-check", "-q"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_cli_dynamo_without_onnxscript_says_how_to_install(tmp_path, model_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    r = CliRunner().invoke(cli, ["export", str(model_file), "--onnx", str(tmp_path / "m.onnx"),
+                                 "--dynamo"])
+    assert r.exit_code == 1 and "pip install onnxscript" in r.stderr
+    assert "leave out --dynamo" in r.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

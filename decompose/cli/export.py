@@ -61,7 +61,7 @@ class ExportReport:
               help="One input sample's shape. Default: model.input_shape, else the file's.")
 @click.option("--batch-size", default="1", show_default=True, metavar="N",
               help="Batch of the example input used to export, check and time.")
-@click.option("--opset", metavar="N", help="ONNX opset. Default 17.")
+@click.option("--opset", metavar="N", help="ONNX opset. Default 17 (18 with --dynamo).")
 @click.option("--dynamo", is_flag=True,
               help="Use torch's torch.export-based ONNX exporter (needs onnxscript) instead of "
                    "the TorchScript-based one.")
@@ -109,7 +109,9 @@ def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dyn
     if compare and no_check:
         raise DecomposeError("--compare runs onnxruntime; leave out --no-check")
     batch = parse_number(batch_size, "--batch-size", int, "1")
-    opset_n = parse_number(opset, "--opset", int, "17") if opset else ex.DEFAULT_OPSET
+    opset_n = parse_number(opset, "--opset", int, "17")
+    if opset_n is not None and opset_n < 7:
+        raise DecomposeError(f"--opset must be >= 7, got {opset_n}; e.g. --opset 17")
     tol = parse_number(tolerance, "--tolerance", float, "1e-4")
     n_threads = parse_number(threads, "--threads", int, "2")
     rounds = parse_number(repeats, "--repeats", int, "30")
@@ -156,7 +158,8 @@ def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dyn
                                dynamic_batch=not static_batch, dynamo=dynamo,
                                tolerance=tol) as orig:
             log(f"timing in onnxruntime: {rounds} alternating rounds", quiet)
-            lat = ex.onnx_latency({"original": orig.path, "exported": onnx_out}, shape,
+            name = "decomposed" if loaded.kind == "decomposed" else "model"
+            lat = ex.onnx_latency({"original": orig.path, name: onnx_out}, shape,
                                   batch_size=batch, threads=n_threads, repeats=rounds)
         base = lat["original"]
         from ..latency import speedups
