@@ -230,3 +230,17 @@ def test_eval_resnet20_checkpoint_with_arch(tmp_path):
                      "(torch fills them in itself); reported, not this module's code")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["images"] == 100
+
+
+def test_data_gives_the_input_shape_when_the_model_does_not(tmp_path):
+    from _imagegen import tiny_classifier
+    model = tiny_classifier()
+    del model.input_shape  # would otherwise count MACs at the default 224x224
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    data = make_folder(tmp_path / "data")
+    r = _run(path, "--rank", 1, "--data", data, "--no-latency", "-o", tmp_path / "o.pt",
+             "--json", "-q")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["input_shape"] == [3, 8, 8] and d["input_shape_source"] == "given"
