@@ -58,6 +58,8 @@ from ._distributed import (
     resolve_device,
     shutdown_distributed,
 )
+from ._train_form import FORMS as TRAIN_FORMS
+from ._train_form import dense_training, strip
 from .data import check_input_shape
 from .errors import DecomposeError
 from .evaluate import EvalResult, evaluate
@@ -71,7 +73,8 @@ DEVICES = ("auto", "cpu", "cuda")
 LOG_FIELDS = ("epoch", "train_loss", "train_acc", "val_top1", "val_top5", "val_loss", "lr",
               "seconds")
 # Settings a resumed run may change; any other difference from the checkpoint's is refused.
-RESUME_MAY_CHANGE = frozenset({"epochs", "device", "num_workers", "log", "checkpoint"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "device", "num_workers", "log", "checkpoint",
+                               "train_form"})
 
 __all__ = ["FinetuneConfig", "FinetuneInterrupted", "FinetuneReport", "FinetuneResult",
            "check_outputs", "distillation_loss", "finetune", "finetune_control",
@@ -106,6 +109,11 @@ class FinetuneConfig:
         num_workers: data-loading worker processes (>= 0). Default 0.
         log: per-epoch log file: JSON lines, or CSV when the name ends in ``.csv``. Default None.
         checkpoint: checkpoint file, written every epoch and on SIGINT/SIGTERM. Default None.
+        train_form: how decoupled layers compute while fine-tuning: ``"plain"`` (conv_dw then
+            conv_pw), ``"dense"`` (one conv with the kernel composed from the two weights on
+            every call: the same parameters and function, at the speed of the original conv)
+            or ``"auto"`` (dense on CPU for rank >= 2, where grouped convs are slow). The
+            saved model is always the decoupled one. Default ``"auto"``.
     """
 
     epochs: int = 10
@@ -127,6 +135,7 @@ class FinetuneConfig:
     num_workers: int = 0
     log: str | None = None
     checkpoint: str | None = None
+    train_form: str = "auto"
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, example: str, optional: bool = False) -> None:
@@ -161,7 +170,7 @@ class FinetuneConfig:
         if self.kd_weight is not None:
             number("kd_weight", lambda v: 0 <= v <= 1, "in [0, 1]", "0.5")
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                              ("device", DEVICES)):
+                              ("device", DEVICES), ("train_form", TRAIN_FORMS)):
             if getattr(self, name) not in choices:
                 raise DecomposeError(f"{name} must be one of {', '.join(choices)}, got "
                                      f"{getattr(self, name)!r}")
@@ -568,7 +577,7 @@ class _Run:
     def write_best(self) -> None:
         if not (self.d.main and self.output is not None and self.best_state is not None):
             return
-        best = copy.deepcopy(self.model).cpu().eval()
+        best = strip(copy.deepcopy(self.model)).cpu().eval()
         best.load_state_dict(self.best_state)
         meta = dict(self.output_meta)
         meta["finetune"] = {
@@ -744,14 +753,20 @@ def finetune(model: nn.Module, train_loader: Any, val_loader: Any, *,
 
     run = _Run(model, teacher, cfg, w, d, device, train_ds, val_ds, train_loader, val_loader,
                None if output is None else str(output), output_meta, progress and d.main)
-    if ck is None:
-        run.start(before_score, teacher_score)
-    else:
-        run.restore(ck)
-        del ck
-    start_epoch, t0 = run.epoch, time.time()
-    with ckpt.StopFlag(active=cfg.checkpoint is not None) as stop:
-        run.run(stop)
+    t0 = time.time()
+    with dense_training(model, cfg.train_form, device) as n_dense:
+        if n_dense and run.show:
+            print(f"{n_dense} decoupled layers compute as composed dense convs while training "
+                  f"(train_form={cfg.train_form}); the saved model stays decoupled",
+                  file=sys.stderr)
+        if ck is None:
+            run.start(before_score, teacher_score)
+        else:
+            run.restore(ck)
+            del ck
+        start_epoch = run.epoch
+        with ckpt.StopFlag(active=cfg.checkpoint is not None) as stop:
+            run.run(stop)
     if d.on:
         torch.distributed.barrier()
     if run.best_state is not None:

@@ -7,6 +7,7 @@ as the teacher, and its rank-1 decoupling as the student.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -374,3 +375,48 @@ def test_distributed_two_cpu_processes(files, tmp_path):
     assert rep["world_size"] == 2 and rep["after"]["n"] == 200 and rep["train_images"] == 256
     assert _log_epochs(tmp_path / "s.log.jsonl") == [1, 2]
     assert load_model(out).meta["finetune"]["best_epoch"] == rep["best_epoch"]
+
+
+# ------------------------------------------------------------------------------------ train form
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("conv", [
+    dict(cin=8, cout=12, k=3, stride=1, padding=1, groups=1, bias=True),
+    dict(cin=8, cout=12, k=3, stride=2, padding=1, groups=2, bias=False),
+    dict(cin=6, cout=6, k=(3, 5), stride=1, padding=(1, 2), groups=3, bias=True,
+         padding_mode="reflect"),
+])
+def test_dense_training_form_is_the_same_function_and_gradients(order, conv):
+    from decompose._train_form import dense_training, strip
+    from decompose.layers import decouple_conv
+
+    c = nn.Conv2d(conv["cin"], conv["cout"], conv["k"], stride=conv["stride"],
+                  padding=conv["padding"], groups=conv["groups"], bias=conv["bias"],
+                  padding_mode=conv.get("padding_mode", "zeros"))
+    plain = nn.Sequential(decouple_conv(c, 2, order))
+    dense = nn.Sequential(decouple_conv(c, 2, order))
+    x = torch.randn(3, conv["cin"], 9, 9)
+    with dense_training(dense, "dense", torch.device("cpu")) as n:
+        assert n == 1
+        y = dense(x)
+        y.square().sum().backward()
+        snapshot = strip(copy.deepcopy(dense))
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+    for (name, a), (_, b) in zip(dense.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+    assert "forward" not in dense[0].__dict__ and "forward" not in snapshot[0].__dict__
+
+
+def test_finetune_with_dense_form_saves_a_decoupled_safe_model(files, tmp_path):
+    from decompose.layers import is_decoupled
+
+    loaded = load_model(files / "student.pt")
+    from decompose.data import make_loader
+    tr = make_loader(files / "train.npz", grayscale=True, mean=(0,), std=(1,), limit=128)
+    va = make_loader(files / "val.npz", grayscale=True, mean=(0,), std=(1,))
+    res = finetune(loaded.model, tr, va, epochs=1, batch_size=32, train_form="dense",
+                   output=tmp_path / "s.pt", progress=False)
+    out = load_model(tmp_path / "s.pt").model  # the weights-only loader: no class of ours
+    assert any(is_decoupled(m) for m in out.modules())
+    assert not any("forward" in m.__dict__ for m in out.modules())
+    assert res.best_epoch == 1

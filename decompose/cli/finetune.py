@@ -87,6 +87,11 @@ def _loaders(opts: dict[str, Any]):
               help="Seeds shuffling, augmentation and the --limit subsets.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="auto = CUDA when available.")
+@click.option("--train-form", type=click.Choice(["auto", "plain", "dense"]), default="auto",
+              show_default=True,
+              help="How decoupled layers compute while training: dense = one conv with the "
+                   "kernel composed from the factors (same function, faster on CPU); auto = "
+                   "dense on CPU for rank >= 2. The saved model is decoupled either way.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random crop (4-pixel zero padding) + horizontal flip: the CIFAR recipe.")
 @click.option("--resize", type=int, metavar="PX", help="Resize the shorter side to PX first.")
@@ -145,6 +150,7 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
         warmup_epochs=o["warmup_epochs"], min_lr=o["min_lr"], kd_weight=o["kd_weight"],
         temperature=o["temperature"], batch_size=o["batch_size"], device=o["device"],
         seed=o["seed"], limit=o["limit"], val_limit=o["val_limit"], num_workers=o["workers"],
+        train_form=o["train_form"],
         log=o["log_path"] or _path_with(out, ".log.jsonl"),
         checkpoint=o["checkpoint"] or _path_with(out, ".ckpt"))
     control_cfg = None
