@@ -39,7 +39,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 # ------------------------------------------------------------------------------------- helpers
 @contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block; the flags are restored after."""
     saved = [(m, m.training) for model in models for m in model.modules()]
     try:
         for model in models:
@@ -144,11 +145,10 @@ def measure_accuracy(original: nn.Module, decomposed: nn.Module, batches: Sequen
 
 # -------------------------------------------------------------------------------- output error
 def sqnr_db(signal_sq: float, noise_sq: float) -> float | None:
-    """``10 log10(signal / noise)``; None when the noise is exactly zero (identical outputs)."""
-    if noise_sq <= 0:
+    """``10 log10(signal / noise)``; None when the noise is exactly zero (identical outputs) or
+    the signal is (all-zero reference outputs)."""
+    if noise_sq <= 0 or signal_sq <= 0:  # identical outputs, or all-zero ones: no ratio
         return None
-    if signal_sq <= 0:
-        return -math.inf
     return 10.0 * math.log10(signal_sq / noise_sq)
 
 
@@ -200,7 +200,7 @@ def measure_output_error(original: nn.Module, decomposed: nn.Module, layers: lis
     signal = noise = 0.0
     images = 0
     try:
-        with _eval_mode(original, decomposed), torch.inference_mode():
+        with eval_mode(original, decomposed), torch.inference_mode():
             for x in xs:
                 y = _forward(original, x, "original").double()
                 y_hat = _forward(decomposed, x, "decomposed").double()
@@ -252,7 +252,7 @@ def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
     for n in names:
         handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
     try:
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             _forward(model, x, "original")
     finally:
         for h in handles:
@@ -300,21 +300,26 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
     paired round ratios, > 1 is faster), ``batch_size``, ``threads``, ``repeats``, ``warmup``.
     """
     done = [lp for lp in layers if lp.skipped is None]
-    with _eval_mode(original, decomposed):
-        whole = _time_pair(original, decomposed, x, repeats=repeats, warmup=warmup,
-                           threads=threads, min_sample_ms=min_sample_ms)
-        if per_layer and done:
-            inputs = capture_inputs(original, [lp.name for lp in done], x)
-            for lp in progress(done, desc="time layers", unit="layer", quiet=quiet):
-                if lp.name not in inputs:
-                    continue
-                one = _time_pair(_replaced(original, lp.name, folded or {}),
-                                 decomposed.get_submodule(lp.name), inputs[lp.name],
-                                 repeats=repeats, warmup=warmup, threads=threads,
-                                 min_sample_ms=min_sample_ms)
-                lp.extra["latency_before_ms"] = one["before_ms"]
-                lp.extra["latency_after_ms"] = one["after_ms"]
-                lp.extra["latency_speedup"] = one["speedup"]
+    timed = done if per_layer else []
+    with eval_mode(original, decomposed):
+        inputs = capture_inputs(original, [lp.name for lp in timed], x) if timed else {}
+        jobs: list[LayerPlan | None] = [None, *timed]  # None: the whole model
+        whole: dict[str, Any] = {}
+        for lp in progress(jobs, desc="time original vs decomposed", unit="module",
+                           quiet=quiet if len(jobs) > 1 else True):
+            if lp is None:
+                whole = _time_pair(original, decomposed, x, repeats=repeats, warmup=warmup,
+                                   threads=threads, min_sample_ms=min_sample_ms)
+                continue
+            if lp.name not in inputs:
+                continue
+            one = _time_pair(_replaced(original, lp.name, folded or {}),
+                             decomposed.get_submodule(lp.name), inputs[lp.name],
+                             repeats=repeats, warmup=warmup, threads=threads,
+                             min_sample_ms=min_sample_ms)
+            lp.extra["latency_before_ms"] = one["before_ms"]
+            lp.extra["latency_after_ms"] = one["after_ms"]
+            lp.extra["latency_speedup"] = one["speedup"]
     return {"before_ms": whole["before_ms"], "after_ms": whole["after_ms"],
             "speedup": whole["speedup"], "batch_size": int(x.shape[0]),
             "threads": whole["threads"], "repeats": repeats, "warmup": warmup,
@@ -369,5 +374,5 @@ def measure(report: Report, original: nn.Module, decomposed: nn.Module, *,
 
 
 __all__ = ["Batches", "accuracy_dict", "cache_batches", "capture_inputs", "check_input_shape",
-           "evaluate_model", "first_images", "latency_input", "measure", "measure_accuracy",
-           "measure_latency", "measure_output_error", "sqnr_db"]
+           "eval_mode", "evaluate_model", "first_images", "latency_input", "measure",
+           "measure_accuracy", "measure_latency", "measure_output_error", "sqnr_db"]

@@ -31,6 +31,7 @@ from .errors import DecomposeError
 from .measure import (
     accuracy_dict,
     check_input_shape,
+    eval_mode,
     evaluate_model,
     first_images,
     latency_input,
@@ -173,7 +174,14 @@ def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
     """
     if not configs:
         raise DecomposeError("nothing to sweep; give at least one setting")
-    model.eval()
+    with eval_mode(model):
+        return _sweep(model, configs, batches=batches, meta=meta, latency=latency,
+                      latency_batch=latency_batch, repeats=repeats, threads=threads,
+                      error_images=error_images, quiet=quiet)
+
+
+def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, threads,
+           error_images, quiet) -> SweepResult:
     first = api.plan(model, configs[0], meta=meta)
     shape = first.input_shape
     baseline: dict[str, Any] = {"macs": first.totals["macs_before"],
