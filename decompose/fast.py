@@ -194,9 +194,57 @@ def _dw1(seq: nn.Module) -> nn.Module:
 _BUILDERS = {"plain": copy.deepcopy, "dense": _dense, "dw1": _dw1}
 
 
+#: Cost, in multiply-adds, of one channel of the decoupled layer's intermediate tensor per output
+#: pixel (writing it, reading it back, the depthwise conv and, for T >= 2, the repeat or the
+#: grouped-conv kernel), fitted to the single-thread measurements in docs/layouts.md (x86 AVX-512,
+#: oneDNN, channels_last; the fits ranged over 70-190 at T = 1 and 90-275 at T >= 2).
+INTERMEDIATE_COST = {1: 100.0, 2: 200.0}
+
+
+def estimated_speedup(seq: nn.Module) -> float:
+    """Dense time / decoupled time, from a cost model per output pixel (docs/layouts.md).
+
+    dense: ``K * Cin * Cout / g`` multiply-adds. dw-pw: ``T * Cin * (Cout/g + A)``; pw-dw, whose
+    1x1 conv runs at the input resolution: ``S * T * Cout * (Cin/g + A)`` with ``S`` the product
+    of the strides. ``A`` (:data:`INTERMEDIATE_COST`) stands for moving the ``T * C``-channel
+    intermediate through memory, the cost that multiply-add counts leave out. A rough guide for
+    one machine (docs/layouts.md says how often it was right); a planner that can time the forms
+    should (:func:`candidate_forms`, :func:`decompose.latency.compare_latency`).
+    """
+    order, t, dw, pw = _check(seq)
+    taps = dw.weight[0, 0].numel()
+    a = INTERMEDIATE_COST[1 if t == 1 else 2]
+    g = pw.groups
+    if order == "dw-pw":
+        c_in, c_out_g = dw.in_channels, pw.out_channels / g
+        return taps * c_in * c_out_g / (t * c_in * (c_out_g + a))
+    c_in_g, c_out = pw.in_channels / g, dw.out_channels
+    stride = 1
+    for s in dw.stride:
+        stride *= int(s)
+    return taps * c_in_g * c_out / (stride * t * c_out * (c_in_g + a))
+
+
+#: :func:`auto_form` decouples only when :func:`estimated_speedup` exceeds this margin: near 1
+#: the model cannot tell the forms apart, and the dense form is the more accurate choice for
+#: a planner anyway (the original conv costs the same).
+AUTO_MARGIN = 1.2
+
+
 def auto_form(seq: nn.Module) -> str:
-    """The form :func:`fast_form` picks for ``form="auto"`` (the rule in docs/layouts.md)."""
-    _check(seq)
+    """The form :func:`fast_form` picks for ``form="auto"`` (rule and data: docs/layouts.md).
+
+    * ``"dense"`` when :func:`estimated_speedup` is at most :data:`AUTO_MARGIN`: no decoupled
+      form is expected to beat the dense conv, so keep it dense, with the rank-T kernel;
+    * else ``"plain"`` at T = 1 (its depthwise conv already has channel multiplier 1) and for a
+      strided dw-pw layer (``"dw1"`` would repeat the input at the input resolution);
+    * else ``"dw1"``.
+    """
+    order, t, dw, _ = _check(seq)
+    if estimated_speedup(seq) <= AUTO_MARGIN:
+        return "dense"
+    if t == 1 or (order == "dw-pw" and any(int(s) != 1 for s in dw.stride)):
+        return "plain"
     return "dw1"
 
 

@@ -21,6 +21,7 @@ from decompose.fast import (
     SumChannelGroups,
     auto_form,
     candidate_forms,
+    estimated_speedup,
     fast_form,
     form_name,
     rebuilt_weight,
@@ -208,6 +209,20 @@ def test_errors_list_choices():
         fast_form(make_conv(2))
     with pytest.raises(TypeError):
         form_name(nn.ReLU())
+
+
+def test_auto_rule():
+    def auto(cin, cout, rank, order="dw-pw", stride=1):
+        return auto_form(decouple_conv(make_conv(2, cin=cin, cout=cout, stride=stride), rank,
+                                       order))
+    assert auto(16, 16, 1) == "plain"  # T = 1: always worth it for a 3x3 dw-pw conv
+    assert auto(16, 16, 2) == "dense"  # narrow layers: the intermediate costs more than it saves
+    assert auto(256, 256, 2) == "dw1" and auto(256, 256, 4, "pw-dw") == "dw1"
+    assert auto(256, 256, 6) == "dense"
+    assert auto(256, 256, 2, stride=2) == "plain"  # no repeat of the larger input
+    assert auto(32, 64, 1, "pw-dw", stride=2) == "dense"  # pw-dw's 1x1 runs at input resolution
+    seq = decouple_conv(make_conv(2, cin=64, cout=64), 2, "dw-pw")
+    assert estimated_speedup(seq) == pytest.approx(9 * 64 / (2 * (64 + 200)))
 
 
 def test_auto_is_a_known_form():
