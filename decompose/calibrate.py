@@ -1,0 +1,462 @@
+"""Label-free calibration: refit every decoupled layer to the original layer's output.
+
+    import copy, decompose
+    from decompose.calibrate import calibrate_
+    original = copy.deepcopy(model)
+    decompose.decompose_(model, rank=3, exclude=("conv1",))
+    report = calibrate_(model, original, batches)   # unlabeled images, e.g. 512
+    print(report)
+
+Walking the decoupled layers in forward order, each one is fitted so that, fed with the
+*decoupled* network's own activations (its input in the calibrated-so-far decoupled model), its
+output matches the *original* layer's output in the original model on the same images. Errors
+made earlier are thereby corrected later instead of compounding. No labels, no gradients: each
+fit is a ridge least-squares problem solved from accumulated second moments
+(:mod:`decompose.refit`), so memory does not depend on the number of images; a batch's forward
+pass is paused at the current layer and resumed for the next (:mod:`decompose._replay`), so the
+whole calibration costs about one forward pass of each model per image plus the solves.
+See docs/calibration.md for what each part gains.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import refit
+from ._replay import GraphReplay, HookReplay, call_order
+from .errors import DecomposeError
+from .layers import decoupled_order, decoupled_rank, is_conv, is_decoupled
+from .measure import eval_mode
+from .progress import progress as _progress
+
+JOINT_MAX_DIM = 4096  # patch features (C_in/g * K) or depthwise unknowns above this: last conv only
+
+
+@dataclass
+class LayerCalibration:
+    """What calibration did to one decoupled layer.
+
+    ``error_before``/``error_after``: relative output error ``||y_hat - y|| / ||y||`` of the layer
+    on the calibration images, where ``y`` is the original layer's output in the original model
+    and ``y_hat`` this layer's output on its input in the decoupled model (so the "before" figure
+    includes the drift of the layers before it). ``method``: ``"joint"`` (both convs, alternating
+    least squares on patch statistics) or ``"last"`` (one least-squares fit of the conv that
+    produces the output: ``conv_pw`` in dw-pw order, ``conv_dw`` in pw-dw order).
+    """
+
+    name: str
+    order: str
+    rank: int
+    method: str
+    error_before: float
+    error_after: float
+    rows: int
+    seconds: float
+    note: str | None = None
+
+
+@dataclass
+class CalibrationReport:
+    """Per-layer results and the run's settings. ``mode`` is ``"replay"`` (paused and resumed
+    forward passes) or ``"recompute"`` (the model did not trace with torch.fx: every layer re-ran
+    the network from the input)."""
+
+    layers: list[LayerCalibration]
+    skipped: dict[str, str]
+    samples: int
+    seconds: float
+    mode: str
+    threads: int
+    cache_peak_mb: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [asdict(lc) for lc in self.layers]
+        return d
+
+    def __str__(self) -> str:
+        head = f"{'layer':<28} {'order':<6} {'T':>2} {'method':<5} {'err before':>10} {'err after':>9}"
+        lines = [head, "-" * len(head)]
+        for lc in self.layers:
+            lines.append(f"{lc.name:<28} {lc.order:<6} {lc.rank:>2} {lc.method:<5} "
+                         f"{lc.error_before:>10.4f} {lc.error_after:>9.4f}"
+                         + (f"  ({lc.note})" if lc.note else ""))
+        for name, why in self.skipped.items():
+            lines.append(f"{name:<28} skipped: {why}")
+        lines.append(f"{len(self.layers)} layers calibrated on {self.samples} images in "
+                     f"{self.seconds:.1f} s ({self.mode}, {self.threads} threads, "
+                     f"cache peak {self.cache_peak_mb:.0f} MB)")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+
+class _Inputs:
+    """Up to ``samples`` input tensors from ``batches`` (tensors or (x, y) pairs), re-iterable.
+
+    A re-iterable source (a list, a DataLoader) is iterated again when needed; a one-shot
+    iterator (a generator) is read once and its first ``samples`` images kept in memory.
+    """
+
+    def __init__(self, batches: Any, samples: int) -> None:
+        if isinstance(batches, torch.Tensor):
+            if batches.dim() < 2:
+                raise DecomposeError(f"calibration input must have a batch dimension, got shape "
+                                     f"{tuple(batches.shape)}; pass a batch like (N, C, H, W)")
+            batches = list(batches.split(64))
+        if not isinstance(batches, Iterable):
+            raise DecomposeError(f"batches must be an iterable of input tensors or (inputs, "
+                                 f"labels) pairs, got {type(batches).__name__}; pass e.g. "
+                                 f"decompose.data.calibration_batches(path)")
+        self.samples = samples
+        self.batches = batches
+        self.stored: list[torch.Tensor] | None = None
+        if iter(batches) is batches:  # one-shot
+            self.stored = list(self._take())
+
+    def _take(self) -> Iterator[torch.Tensor]:
+        n = 0
+        for b in self.batches:
+            x = b[0] if isinstance(b, (tuple, list)) and b else b
+            if not isinstance(x, torch.Tensor):
+                raise DecomposeError(f"a calibration batch is a {type(x).__name__}, not a tensor; "
+                                     f"give input tensors or (inputs, labels) pairs")
+            if x.dim() < 2 or len(x) == 0:
+                raise DecomposeError(f"a calibration batch has shape {tuple(x.shape)}; give "
+                                     f"batches with a batch dimension, like (N, C, H, W)")
+            x = x[: self.samples - n].detach()
+            n += len(x)
+            yield x
+            if n >= self.samples:
+                return
+        if n == 0:
+            raise DecomposeError("no calibration images: the batches were empty; give at least "
+                                 "one batch of unlabeled images (512 is a good number)")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.stored) if self.stored is not None else self._take()
+
+
+# -------------------------------------------------------------------------------------- layers
+
+
+@dataclass
+class _Layer:
+    name: str
+    seq: nn.Module
+    conv: nn.Module  # the original conv: patch geometry and groups
+    after: nn.Module  # applied to the original conv's output to get the target: a folded BN or
+    # nn.Identity
+    order: str
+    rank: int
+
+
+def _folded_bns(model: nn.Module, original: nn.Module) -> dict[str, str]:
+    """conv name -> BN name for BNs folded into convs of ``model`` (Identity there, BN in
+    ``original``)."""
+    maybe = any(isinstance(m, nn.Identity)
+                and isinstance(getattr_or_none(original, n), nn.modules.batchnorm._BatchNorm)
+                for n, m in model.named_modules())
+    if not maybe:
+        return {}
+    from .fold import find_conv_bn_pairs
+    return {c: b for c, b in find_conv_bn_pairs(original)
+            if isinstance(getattr_or_none(model, b), nn.Identity)}
+
+
+def getattr_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+_GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "padding_mode")
+
+
+def _match(name: str, seq: nn.Module, original: nn.Module, folded: dict[str, str]) -> _Layer:
+    conv = getattr_or_none(original, name)
+    fix = "pass the untouched model the decoupled one was made from (copy.deepcopy it first)"
+    if conv is None or not is_conv(conv):
+        raise DecomposeError(f"the original model has no conv named {name}; {fix}")
+    order = decoupled_order(seq)
+    spatial, point = seq.conv_dw, seq.conv_pw
+    same = all(getattr(spatial, a) == getattr(conv, a) for a in _GEOMETRY)
+    first, last = (spatial, point) if order == "dw-pw" else (point, spatial)
+    same = same and (first.in_channels == conv.in_channels and last.out_channels == conv.out_channels
+                     and point.groups == conv.groups)
+    if not same:
+        raise DecomposeError(f"layer {name} does not match the original conv {tuple(conv.weight.shape)} "
+                             f"(shape, stride, padding or groups differ); {fix}")
+    after = original.get_submodule(folded[name]) if name in folded else nn.Identity()
+    return _Layer(name, seq, conv, after, order, decoupled_rank(seq))
+
+
+# ------------------------------------------------------------------------------------- the fit
+
+
+class _Sampler:
+    """A seeded random subset of at most ``per_image`` output pixels per image (all if None)."""
+
+    def __init__(self, per_image: int | None, seed: int) -> None:
+        self.per_image = per_image
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def rows(self, total: int, images: int) -> torch.Tensor | None:
+        if self.per_image is None or total <= self.per_image * images:
+            return None
+        return torch.randperm(total, generator=self.gen)[: self.per_image * images]
+
+
+def _features(layer: _Layer, x: torch.Tensor, joint: bool) -> torch.Tensor:
+    """Rows of the least-squares problem: patches of the layer input (joint fit) or patches of
+    the first conv's output under the last conv (last-conv fit)."""
+    if joint:
+        return refit.patches(x, layer.conv)
+    first, last = layer.seq[0], layer.seq[1]
+    return refit.patches(first(x), last)
+
+
+def _targets(layer: _Layer, y: torch.Tensor, joint: bool) -> torch.Tensor:
+    groups = layer.conv.groups if joint else layer.seq[1].groups
+    return refit.pixels(y, groups)
+
+
+def _wants_joint(layer: _Layer, refit_depthwise: bool) -> tuple[bool, str | None]:
+    if not refit_depthwise:
+        return False, None
+    cg = layer.conv.in_channels // layer.conv.groups
+    k = math.prod(layer.conv.kernel_size)
+    unknowns = cg * k * (layer.rank if layer.order == "dw-pw" else 1)
+    if max(cg * k, unknowns) > JOINT_MAX_DIM:
+        return False, f"too wide for the joint fit ({max(cg * k, unknowns)} > {JOINT_MAX_DIM})"
+    return True, None
+
+
+def _solve(layer: _Layer, m: refit.Moments, joint: bool, ridge: float, iterations: int,
+           add_bias: bool) -> tuple[float, float]:
+    """Refit the layer from its moments in place; return (objective before, after)."""
+    if joint:
+        first, second, bias = refit.read_factors(layer.seq, layer.order)
+        if bias is None and add_bias:
+            bias = torch.zeros(second.shape[:2] if layer.order == "dw-pw" else first.shape[:2],
+                               dtype=torch.float64, device=first.device)
+        w = refit.composed_weight(layer.order, first, second)
+        before = float(refit.objective(refit._with_bias(w, bias), m).sum())
+        first, second, bias, after = refit.refit_factors(
+            m, layer.order, first, second, bias, ridge=ridge, iterations=iterations)
+        if after <= before:
+            refit.write_factors(layer.seq, layer.order, first, second, bias)
+        return before, min(before, after)
+    last = layer.seq[1]
+    g = last.groups
+    w = last.weight.detach().double().reshape(g, last.out_channels // g, -1)
+    bias = last.bias.detach().double().reshape(g, -1) if last.bias is not None else None
+    if bias is None and add_bias:
+        bias = torch.zeros(w.shape[:2], dtype=torch.float64, device=w.device)
+    before = float(refit.objective(refit._with_bias(w, bias), m).sum())
+    w2, b2 = refit.full_solve(m, w, bias, ridge)
+    after = float(refit.objective(refit._with_bias(w2, b2), m).sum())
+    if after <= before:
+        with torch.no_grad():
+            last.weight.copy_(w2.reshape(last.weight.shape).to(last.weight.dtype))
+            if b2 is not None:
+                b2 = b2.reshape(-1).to(last.weight.dtype)
+                if last.bias is None:
+                    last.bias = nn.Parameter(b2.clone(), requires_grad=last.weight.requires_grad)
+                else:
+                    last.bias.copy_(b2)
+    return before, min(before, after)
+
+
+# --------------------------------------------------------------------------------------- API
+
+
+def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
+               samples: int = 512, ridge: float = 1e-4, refit_depthwise: bool = True,
+               iterations: int = 2, add_bias: bool = False, pixels_per_image: int | None = None,
+               cache_mb: float = 1024, seed: int = 0, progress: bool = True
+               ) -> CalibrationReport:
+    """Refit the decoupled layers of ``model`` in place, without labels; return a report.
+
+    Args:
+        model: the decoupled model (after :func:`decompose.decompose_`), changed in place.
+        original: the untouched model it was made from (same module names), not changed.
+        batches: an iterable of input tensors or ``(inputs, labels)`` pairs (labels are
+            ignored), e.g. ``decompose.data.calibration_batches(path)`` or a DataLoader; a
+            one-shot iterator is read once and its images kept, a re-iterable one is re-read when
+            needed. A single tensor (N, ...) is split into batches of 64.
+        samples: use at most this many images. Default 512.
+        ridge: regularisation of every least-squares solve, relative to the mean diagonal of its
+            normal matrix, pulling towards the current weights (>= 0). Default 1e-4.
+        refit_depthwise: True fits both convs of each layer by alternating least squares on
+            patch statistics (for dw-pw also from an activation-weighted SVD start); False fits
+            only the conv that produces the output (``conv_pw`` + bias in dw-pw order,
+            ``conv_dw`` + bias in pw-dw order), which is cheaper. Default True.
+        iterations: alternating rounds of the joint fit (it stops early once a round gains
+            nothing). Default 2.
+        add_bias: give layers without a bias one (fitted too); it absorbs mean shifts, and the
+            saved model gains a ``bias`` tensor per such layer. Default False.
+        pixels_per_image: use a seeded random subset of at most this many output pixels per
+            image in each layer's statistics (None: all). Default None.
+        cache_mb: memory for paused forward passes (replay mode); batches beyond it are re-run
+            from the input for every layer (slower, same result). Default 1024.
+        seed: seed of the pixel subsets. Default 0.
+        progress: show a progress bar on stderr. Default True.
+
+    Raises:
+        DecomposeError: no decoupled layers, an original that does not match, bad batches or
+            settings.
+    """
+    _check_settings(model, original, samples, ridge, iterations, pixels_per_image, cache_mb)
+    names = [n for n, m in model.named_modules() if is_decoupled(m)]
+    if not names:
+        raise DecomposeError("the model has no decoupled layers; run decompose.decompose_(model, "
+                             "...) on it first, then calibrate")
+    t0 = time.perf_counter()
+    inputs = _Inputs(batches, samples)
+    folded = _folded_bns(model, original)
+    layers = [_match(n, model.get_submodule(n), original, folded) for n in names]
+    dev_m, dev_o = _device(model), _device(original)
+    results: list[LayerCalibration] = []
+    skipped: dict[str, str] = {}
+    with eval_mode(model, original), torch.no_grad():
+        first = next(iter(inputs))
+        counts = call_order(model, names, first[:2].to(dev_m))
+        by_name = {lay.name: lay for lay in layers}
+        ordered = []
+        for n in names:
+            if n not in counts:
+                skipped[n] = "not called in a forward pass"
+            elif counts[n] > 1:
+                skipped[n] = f"called {counts[n]} times per forward pass (shared module)"
+        ordered = [by_name[n] for n in counts if n not in skipped]
+        runner = _runner(model, original, [lay.name for lay in ordered],
+                         (first[:2].to(dev_m), first[:2].to(dev_o)))
+        states = _Batches(runner, inputs, (dev_m, dev_o), cache_mb * 2**20)
+        sampler = _Sampler(pixels_per_image, seed)
+        n_images = 0
+        bar = _progress(ordered, desc="calibrate", unit="layer", quiet=not progress)
+        for layer in bar:
+            t1 = time.perf_counter()
+            joint, note = _wants_joint(layer, refit_depthwise)
+            m: refit.Moments | None = None
+            n_images = 0
+            for i, state in states:
+                x_dec, y = runner.inputs(state, layer.name)
+                y = layer.after(y).to(dev_m)
+                u = _features(layer, x_dec, joint)
+                yy = _targets(layer, y, joint)
+                rows = sampler.rows(u.shape[0], len(x_dec))
+                if rows is not None:
+                    rows = rows.to(u.device)
+                    u, yy = u[rows], yy[rows]
+                if m is None:
+                    m = refit.Moments(u.shape[1], u.shape[2], yy.shape[2], device=u.device)
+                m.add(u, yy)
+                n_images += len(x_dec)
+                del u, yy, y, x_dec
+                states.keep(i, state)
+            before, after = _solve(layer, m, joint, ridge, iterations, add_bias)
+            norm = max(float(m.yy.sum()), 1e-30)
+            lc = LayerCalibration(layer.name, layer.order, layer.rank, "joint" if joint else "last",
+                                  math.sqrt(max(before, 0) / norm), math.sqrt(max(after, 0) / norm),
+                                  m.rows, time.perf_counter() - t1, note)
+            results.append(lc)
+            bar.set_postfix_str(f"{layer.name} err {lc.error_before:.3f}->{lc.error_after:.3f}")
+        if hasattr(bar, "close"):
+            bar.close()
+    settings = dict(ridge=ridge, refit_depthwise=refit_depthwise, iterations=iterations,
+                    add_bias=add_bias, pixels_per_image=pixels_per_image, cache_mb=cache_mb,
+                    seed=seed, samples=samples)
+    return CalibrationReport(results, skipped, n_images, time.perf_counter() - t0, runner.mode,
+                             torch.get_num_threads(), states.peak / 2**20, settings)
+
+
+def _runner(model, original, names, example):
+    try:
+        return GraphReplay(model, original, names, example)
+    except Exception:  # noqa: BLE001 - any failure to trace or replay means: run from the input
+        return HookReplay(model, original)
+
+
+class _Batches:
+    """(batch index, paused state) for every batch, from the cache of paused passes where it has
+    one, else started from the input; once every batch is cached the source is not read again."""
+
+    def __init__(self, runner, inputs: _Inputs, devices, budget: float) -> None:
+        self.runner, self.inputs, self.devices, self.budget = runner, inputs, devices, budget
+        self.cache: dict[int, Any] = {}
+        self.used = self.peak = 0
+        self.count: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        self.used = 0
+        if self.count is not None and len(self.cache) == self.count:
+            for i in range(self.count):
+                yield i, self.cache.pop(i)
+            return
+        n = 0
+        for i, x in enumerate(self.inputs):
+            n = i + 1
+            state = self.cache.pop(i, None)
+            if state is None:
+                state = self.runner.start(*(_fast_layout(x.to(d)) for d in self.devices))
+            yield i, state
+        self.count = n
+
+    def keep(self, i: int, state: Any) -> None:
+        """Cache batch ``i``'s paused pass if the runner can resume and it fits the budget."""
+        if not self.runner.resumable:
+            return
+        size = self.runner.nbytes(state)
+        if self.used + size <= self.budget:
+            self.cache[i] = state
+            self.used += size
+            self.peak = max(self.peak, self.used)
+
+
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last inputs: the whole forward pass then runs channels-last, which on CPU makes
+    depthwise and 1x1 convs several times faster (the models are not changed)."""
+    if x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def _check_settings(model, original, samples, ridge, iterations, pixels_per_image, cache_mb):
+    if not isinstance(model, nn.Module) or not isinstance(original, nn.Module):
+        raise DecomposeError("calibrate_ needs the decoupled model and the original model (both "
+                             "nn.Module); pass (model, original, batches)")
+    if model is original:
+        raise DecomposeError("model and original are the same object; keep a copy of the original "
+                             "(copy.deepcopy) before decompose_ and pass it as original")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise DecomposeError(f"samples must be a positive integer, got {samples!r}; try 512")
+    if not isinstance(ridge, (int, float)) or not ridge >= 0:
+        raise DecomposeError(f"ridge must be a number >= 0, got {ridge!r}; try 1e-4")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise DecomposeError(f"iterations must be an integer >= 0, got {iterations!r}; try 2")
+    if pixels_per_image is not None and (isinstance(pixels_per_image, bool) or not isinstance(
+            pixels_per_image, int) or pixels_per_image < 1):
+        raise DecomposeError(f"pixels_per_image must be a positive integer or None, got "
+                             f"{pixels_per_image!r}")
+    if not isinstance(cache_mb, (int, float)) or not cache_mb >= 0:
+        raise DecomposeError(f"cache_mb must be a number >= 0, got {cache_mb!r}; try 1024")
