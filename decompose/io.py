@@ -219,6 +219,10 @@ def _strip_prefix(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
 def load_state_into(model: nn.Module, sd: dict[str, torch.Tensor], spec: str, path: Path) -> None:
     sd = _strip_prefix(sd, model)
     own = model.state_dict()
+    # BatchNorm's step counter is absent from checkpoints saved before PyTorch 0.4.1 (the
+    # shipped CIFAR ResNets among them); it only matters for momentum=None, so keep the model's.
+    sd = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in sd},
+          **sd}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     bad_shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]

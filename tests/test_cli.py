@@ -154,3 +154,20 @@ def test_demo_runs_end_to_end(runner):
     assert acc["before"]["top1"] > 0.9
     assert 0 <= acc["after"]["top1"] <= 1
     assert rep["totals"]["macs_after"] < rep["totals"]["macs_before"]
+
+
+def test_calibrate_flag_refits_and_reports(runner, model_file, tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, x=rng.random((40, 3, 16, 16), dtype=np.float32))  # no labels: not needed
+    res = run(runner, model_file, "--rank", 1, "--calibrate", npz, "--calib-samples", 32,
+              "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--json", "-q")
+    assert res.exit_code == 0, res.stderr
+    cal = json.loads(res.stdout)["calibration"]
+    assert cal["samples"] == 32 and cal["layers"]
+    for layer in cal["layers"]:
+        assert layer["error_after"] <= layer["error_before"] + 1e-6
+    res = run(runner, model_file, "--calibrate", tmp_path / "nope", "-o", tmp_path / "x.pt")
+    one_line_error(res)
+    assert not (tmp_path / "x.pt").exists()

@@ -172,3 +172,13 @@ def test_unwritable_output_folder(tmp_path, monkeypatch):
     with pytest.raises(DecomposeError, match="cannot write"):
         save_model(nn.Conv2d(1, 1, 1), tmp_path / "o.pt")
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_checkpoint_without_num_batches_tracked_loads(tmp_path):
+    """Checkpoints from before PyTorch 0.4.1 (the shipped CIFAR ResNets) lack BN step counters."""
+    model = tiny_cnn()
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    f = tmp_path / "old.th"
+    torch.save({"state_dict": sd}, f)
+    loaded = load_model(f, arch="builders:tiny")
+    assert torch.equal(loaded.model[1].running_var, model[1].running_var)

@@ -96,16 +96,22 @@ def latency_options(f: Callable) -> Callable:
     return f
 
 
+def preprocessing(opts: dict[str, Any]) -> dict[str, Any]:
+    """make_loader's preprocessing keywords from the data flags."""
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if opts["grayscale"]:  # one channel: the average of ImageNet's three
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return dict(resize=opts["resize"], crop=opts["crop"],
+                mean=parse_floats(opts["mean"], "--mean") or mean,
+                std=parse_floats(opts["std"], "--std") or std,
+                grayscale=opts["grayscale"])
+
+
 def make_loader_from(opts: dict[str, Any]):
     """The DataLoader for --data and its preprocessing flags, or None without --data."""
     if not opts.get("data"):
         return None
-    from ..data import IMAGENET_MEAN, IMAGENET_STD, make_loader
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if opts["grayscale"]:  # one channel: the average of ImageNet's three
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    from ..data import make_loader
     return make_loader(opts["data"], batch_size=opts["batch_size"], limit=opts["limit"],
-                       seed=opts["seed"], resize=opts["resize"], crop=opts["crop"],
-                       mean=parse_floats(opts["mean"], "--mean") or mean,
-                       std=parse_floats(opts["std"], "--std") or std,
-                       grayscale=opts["grayscale"])
+                       seed=opts["seed"], **preprocessing(opts))

@@ -82,6 +82,15 @@ def _nothing_to_do(report, model_path: str) -> None:
 @model_options
 @data_options()
 @latency_options
+@click.option("--calibrate", "calib_dir", type=click.Path(), metavar="DIR",
+              help="Refit the decoupled layers without labels to the original's layer outputs "
+                   "on images from DIR (folder or .npz; labels ignored), same preprocessing "
+                   "flags as --data.")
+@click.option("--calib-samples", type=int, default=512, show_default=True, metavar="N",
+              help="Calibration images (a seeded random subset).")
+@click.option("--calib-method", type=click.Choice(["joint", "last"]), default="joint",
+              show_default=True, help="joint: refit both convs of each layer (alternating least "
+                                      "squares); last: only the conv that produces the output.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write PNG figures to DIR: singular-value energy and kernel error vs rank "
                    "per layer (needs matplotlib).")
@@ -105,6 +114,8 @@ def run_cmd(model: str, **opts) -> None:
       decompose resnet20.th --arch decompose.models.cifar_resnet:resnet20 --rank 2 \\
           --exclude conv1 --data cifar10/test --limit 2000 --plot figures/
       decompose model.pt --target-macs 0.4 --exclude conv1 -o small.pt --no-latency
+      decompose resnet56.th --arch decompose.models.cifar_resnet:resnet56 --rank 3 \
+          --exclude conv1 --calibrate cifar10/train --calib-samples 512 --data cifar10/test
     """
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
     data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
@@ -120,8 +131,17 @@ def run_cmd(model: str, **opts) -> None:
             batches = cache_batches(loader)
             data_shape = tuple(batches[0][0].shape[1:]) if batches else None
         kept = {}
+        calib = _calibration_batches(opts, data_opts)
 
         def before_save(report, original, decomposed):
+            if calib is not None:
+                from ..calibrate import calibrate_
+                log(f"calibrating on {opts['calib_samples']} images from {opts['calib_dir']} ...",
+                    quiet)
+                cal = calibrate_(decomposed, original, calib, samples=opts["calib_samples"],
+                                 refit_depthwise=opts["calib_method"] == "joint",
+                                 progress=not quiet)
+                report.extra["calibration"] = cal.to_dict()
             if batches is not None or lat["latency"]:
                 from ..measure import measure
                 measure(report, original, decomposed, batches=batches, latency=lat["latency"],
@@ -129,7 +149,7 @@ def run_cmd(model: str, **opts) -> None:
                         threads=lat["threads"])
             kept["original"] = original
 
-        needed = batches is not None or lat["latency"] or opts["plot_dir"]
+        needed = batches is not None or lat["latency"] or opts["plot_dir"] or calib is not None
         report, _, out = decompose_file(
             model, config, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
             output=opts["output"], force=opts["force"], quiet=quiet, data_shape=data_shape,
@@ -142,6 +162,18 @@ def run_cmd(model: str, **opts) -> None:
                 log(f"wrote {path}", quiet)
     emit(report, opts["as_json"])
     log(f"wrote {out}", quiet)
+
+
+def _calibration_batches(opts: dict, data_opts: dict):
+    """The --calibrate images (opened now, so a bad folder fails before any work), or None."""
+    if not opts["calib_dir"]:
+        return None
+    if opts["calib_samples"] < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--calib-samples")
+    from ..data import calibration_batches
+    from ._measure import preprocessing
+    return calibration_batches(opts["calib_dir"], n_samples=opts["calib_samples"],
+                               seed=data_opts["seed"], **preprocessing(data_opts))
 
 
 @click.command("report")
