@@ -172,9 +172,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path,
     from matplotlib.ticker import FuncFormatter, LogLocator
     ax2.yaxis.set_major_locator(LogLocator(base=2))
     ax2.yaxis.set_minor_locator(LogLocator(base=2, subs=(1.5,)))
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax2.yaxis.set_major_formatter(plain)
-    ax2.yaxis.set_minor_formatter(plain)
+    ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax2.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     if skipped:  # a legend entry with no line
         names = ", ".join(r.get("setting", "?") for r in skipped[:4])
         more = f" +{len(skipped) - 4}" if len(skipped) > 4 else ""
