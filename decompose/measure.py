@@ -108,12 +108,14 @@ def first_images(batches: Iterable[Any], n: int) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------------------------------ accuracy
 def _result_dict(r: Any) -> dict[str, Any]:
-    return {"top1": float(r.top1), "top5": float(r.top5), "loss": float(r.loss), "images": int(r.n)}
+    return {"top1": float(r.top1), "top5": float(r.top5), "loss": float(r.loss), "images": int(r.n),
+            "k": int(getattr(r, "k", 5)), "seconds": float(getattr(r, "seconds", 0.0))}
 
 
 def evaluate_model(model: nn.Module, batches: Iterable[Batch], *, desc: str = "eval",
                    quiet: bool | None = None) -> dict[str, Any]:
-    """``{"top1", "top5", "loss", "images"}`` of one model (fractions in [0, 1], mean loss)."""
+    """``{"top1", "top5", "loss", "images", "k", "seconds"}`` of one model: fractions in [0, 1],
+    mean cross-entropy, number of images, the k of top-k (5 unless fewer outputs), wall time."""
     from .evaluate import evaluate
     return _result_dict(evaluate(model, batches, progress=not is_quiet(quiet), desc=desc))
 
