@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from conftest import tiny_cnn
+from torch import nn
 
 
 def tiny() -> nn.Module:
