@@ -38,11 +38,11 @@ from decompose.surgery import replace_module
 # settings
 # (name, batch, C_in, C_out, input H=W, stride); all 3x3, padding 1, no bias, float32
 SHAPES = [
-    ("cifar 16->16 @32", 64, 16, 16, 32, 1),
-    ("cifar 32->32 @16", 64, 32, 32, 16, 1),
-    ("cifar 64->64 @8", 64, 64, 64, 8, 1),
-    ("cifar 16->32 @32 s2", 64, 16, 32, 32, 2),
-    ("cifar 32->64 @16 s2", 64, 32, 64, 16, 2),
+    ("cifar 16->16 @32 b64", 64, 16, 16, 32, 1),
+    ("cifar 32->32 @16 b64", 64, 32, 32, 16, 1),
+    ("cifar 64->64 @8 b64", 64, 64, 64, 8, 1),
+    ("cifar 16->32 @32 s2 b64", 64, 16, 32, 32, 2),
+    ("cifar 32->64 @16 s2 b64", 64, 32, 64, 16, 2),
     ("imnet 64->64 @56 b8", 8, 64, 64, 56, 1),
     ("imnet 256->256 @14 b8", 8, 256, 256, 14, 1),
 ]
@@ -55,7 +55,7 @@ TIMER = "wall"        # "wall": time.perf_counter; "cpu": time.process_time, the
                       # process, which a busy shared machine disturbs far less (use with 1 thread:
                       # with more it sums the threads and counts oneDNN's spin-waiting)
 # the extra, bench-only forms of (b), (c), (e), (h) are timed on these shapes and ranks only
-EXTRA_SHAPES = ("cifar 16->16 @32", "cifar 64->64 @8", "cifar 32->64 @16 s2")
+EXTRA_SHAPES = ("cifar 16->16 @32 b64", "cifar 64->64 @8 b64", "cifar 32->64 @16 s2 b64")
 EXTRA_RANKS = (2, 4)
 MODEL_RANKS = (1, 2, 4)
 MODEL_BATCH = 64
