@@ -7,11 +7,15 @@ Public API::
     plan(model, config)         # dry run; returns a Report
     DecoupleConfig(rank=..., energy=..., target_macs=..., target_params=..., order=...)
     load(path) / load_model(path, arch=..., allow=..., trust=...) / save_model(model, path)
+    calibrate_(model, original, batches)              # label-free refit, in place
+    finetune(model, train_loader, val_loader, teacher=original, config=FinetuneConfig(...))
 """
 
 from .api import apply_plan, decompose, decompose_, plan
+from .calibrate import CalibrationReport, calibrate_
 from .config import DecoupleConfig
 from .errors import DecomposeError
+from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .io import load, load_model, save_model
 from .layers import decouple_conv, is_decoupled
 from .report import Report
@@ -19,6 +23,11 @@ from .report import Report
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationReport",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "calibrate_",
+    "finetune",
     "DecomposeError",
     "DecoupleConfig",
     "Report",
