@@ -28,7 +28,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -383,12 +383,18 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
 # ----------------------------------------------------------------------------- latency
 def onnx_latency(paths: Mapping[str, str | os.PathLike], input_shape: tuple[int, ...], *,
                  batch_size: int = 1, threads: int | None = None, repeats: int = 30,
-                 warmup: int = 3) -> dict[str, Latency]:
+                 warmup: int = 3, timer: Callable[[], float] | None = None
+                 ) -> dict[str, Latency]:
     """onnxruntime latency of several ONNX files, side by side.
 
     Each file gets a CPU session with ``threads`` intra-op threads (default: torch's thread
     count) and one inter-op thread; the sessions are timed in alternating rounds on the same
     seeded float32 input by :func:`decompose.latency.compare_latency`, and the medians compared.
+
+    ``timer`` defaults to wall-clock :func:`time.perf_counter`. On a machine shared with other
+    jobs, ``threads=1`` with ``timer=time.thread_time`` (CPU time of the calling thread, which
+    runs the whole graph when there is one intra-op thread) leaves out the time the scheduler
+    gives to other processes.
 
     Returns:
         name -> :class:`~decompose.latency.Latency` (``threads`` is the intra-op count used).
@@ -402,7 +408,8 @@ def onnx_latency(paths: Mapping[str, str | os.PathLike], input_shape: tuple[int,
         sess = ort_session(p, n)
         feed_name = sess.get_inputs()[0].name
         runners[name] = _Runner(sess, feed_name)
-    return compare_latency(runners, x, repeats=repeats, warmup=warmup, threads=n)
+    extra = {"timer": timer} if timer is not None else {}
+    return compare_latency(runners, x, repeats=repeats, warmup=warmup, threads=n, **extra)
 
 
 class _Runner:
