@@ -223,18 +223,20 @@ class _Sampler:
         return torch.randperm(total, generator=self.gen)[: self.per_image * images]
 
 
-def _features(layer: _Layer, x: torch.Tensor, joint: bool) -> torch.Tensor:
-    """Rows of the least-squares problem: patches of the layer input (joint fit) or patches of
-    the first conv's output under the last conv (last-conv fit)."""
+def _rows(layer: _Layer, x: torch.Tensor, y: torch.Tensor, joint: bool,
+          rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares problem's rows ``(u, y)``: patches of the layer input (joint fit) or of
+    the first conv's output under the last conv (last-conv fit), and the target pixels; only the
+    pixels in ``rows`` when given."""
     if joint:
-        return refit.patches(x, layer.conv)
-    first, last = layer.seq[0], layer.seq[1]
-    return refit.patches(first(x), last)
-
-
-def _targets(layer: _Layer, y: torch.Tensor, joint: bool) -> torch.Tensor:
-    groups = layer.conv.groups if joint else layer.seq[1].groups
-    return refit.pixels(y, groups)
+        u = refit.patches(x, layer.conv, rows)
+        groups = layer.conv.groups
+    else:
+        first, last = layer.seq[0], layer.seq[1]
+        u = refit.patches(first(x), last, rows)
+        groups = last.groups
+    yy = refit.pixels(y, groups)
+    return u, (yy if rows is None else yy[rows])
 
 
 def _wants_joint(layer: _Layer, refit_depthwise: bool) -> tuple[bool, str | None]:
@@ -289,7 +291,7 @@ def _solve(layer: _Layer, m: refit.Moments, joint: bool, ridge: float, iteration
 
 def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
                samples: int = 512, ridge: float = 1e-4, refit_depthwise: bool = True,
-               iterations: int = 2, add_bias: bool = False, pixels_per_image: int | None = None,
+               iterations: int = 1, add_bias: bool = False, pixels_per_image: int | None = None,
                cache_mb: float = 1024, seed: int = 0, progress: bool = True
                ) -> CalibrationReport:
     """Refit the decoupled layers of ``model`` in place, without labels; return a report.
@@ -305,11 +307,11 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
         ridge: regularisation of every least-squares solve, relative to the mean diagonal of its
             normal matrix, pulling towards the current weights (>= 0). Default 1e-4.
         refit_depthwise: True fits both convs of each layer by alternating least squares on
-            patch statistics (for dw-pw also from an activation-weighted SVD start); False fits
+            patch statistics; False fits
             only the conv that produces the output (``conv_pw`` + bias in dw-pw order,
             ``conv_dw`` + bias in pw-dw order), which is cheaper. Default True.
-        iterations: alternating rounds of the joint fit (it stops early once a round gains
-            nothing). Default 2.
+        iterations: alternating rounds of the joint fit after the first least-squares fit of the
+            last conv (it stops early once a round gains nothing). Default 1.
         add_bias: give layers without a bias one (fitted too); it absorbs mean shifts, and the
             saved model gains a ``bias`` tensor per such layer. Default False.
         pixels_per_image: use a seeded random subset of at most this many output pixels per
@@ -328,6 +330,10 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
     if not names:
         raise DecomposeError("the model has no decoupled layers; run decompose.decompose_(model, "
                              "...) on it first, then calibrate")
+    fast = [n for n in names if len(model.get_submodule(n)) != 2]
+    if fast:
+        raise DecomposeError(f"layer {fast[0]} is not in the plain (conv_dw, conv_pw) form; convert "
+                             f"it first with decompose.plain_forms_(model), then calibrate")
     t0 = time.perf_counter()
     inputs = _Inputs(batches, samples)
     folded = _folded_bns(model, original)
@@ -360,12 +366,8 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
             for i, state in states:
                 x_dec, y = runner.inputs(state, layer.name)
                 y = layer.after(y).to(dev_m)
-                u = _features(layer, x_dec, joint)
-                yy = _targets(layer, y, joint)
-                rows = sampler.rows(u.shape[0], len(x_dec))
-                if rows is not None:
-                    rows = rows.to(u.device)
-                    u, yy = u[rows], yy[rows]
+                rows = sampler.rows(y[0, 0].numel() * len(y), len(y))
+                u, yy = _rows(layer, x_dec, y, joint, None if rows is None else rows.to(y.device))
                 if m is None:
                     m = refit.Moments(u.shape[1], u.shape[2], yy.shape[2], device=u.device)
                 m.add(u, yy)
@@ -453,7 +455,7 @@ def _check_settings(model, original, samples, ridge, iterations, pixels_per_imag
     if not isinstance(ridge, (int, float)) or not ridge >= 0:
         raise DecomposeError(f"ridge must be a number >= 0, got {ridge!r}; try 1e-4")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise DecomposeError(f"iterations must be an integer >= 0, got {iterations!r}; try 2")
+        raise DecomposeError(f"iterations must be an integer >= 0, got {iterations!r}; try 1")
     if pixels_per_image is not None and (isinstance(pixels_per_image, bool) or not isinstance(
             pixels_per_image, int) or pixels_per_image < 1):
         raise DecomposeError(f"pixels_per_image must be a positive integer or None, got "

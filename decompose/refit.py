@@ -32,11 +32,12 @@ from torch import nn
 # ---------------------------------------------------------------------------------- features
 
 
-def patches(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+def patches(x: torch.Tensor, conv: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Input patches of ``conv`` (any ConvNd) as (pixels, groups, C_in/g * K), taps innermost.
 
     ``conv(x)`` equals ``patches(x, conv) @ conv.weight.reshape(g, C_out/g, -1).mT`` per group,
-    plus the bias, for every padding mode, stride and dilation.
+    plus the bias, for every padding mode, stride and dilation. ``rows``: indices into the
+    (image, output position) rows to extract, in :func:`pixels` order; only those are copied.
     """
     d = x.dim() - 2
     pad = list(conv._reversed_padding_repeated_twice)
@@ -48,9 +49,11 @@ def patches(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
         x = x.unfold(2 + i, dil * (k - 1) + 1, s)
         if dil > 1:
             x = x[..., ::dil]
-    n, c = x.shape[:2]
-    # (N, C, o_1..o_d, k_1..k_d) -> (N, o_1..o_d, C, k_1..k_d)
+    c = x.shape[1]
+    # (N, C, o_1..o_d, k_1..k_d) -> (N, o_1..o_d, C, k_1..k_d), still a view
     x = x.permute(0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+    if rows is not None:
+        x = x[torch.unravel_index(rows, x.shape[: 1 + d])]
     taps = math.prod(conv.kernel_size)
     return x.reshape(-1, conv.groups, c // conv.groups * taps)
 
@@ -183,24 +186,6 @@ def dwpw_depthwise_step(m: Moments, P, D, bias, ridge: float):
     return X.reshape(g, cg, t, k)
 
 
-def dwpw_weighted_svd(m: Moments, W: torch.Tensor, t: int, eps: float = 1e-6):
-    """Activation-weighted truncation of a full kernel ``W`` (g, Og, Cg, K): per input channel,
-    the rank-T ``P_c D_c`` closest to ``W_c`` in ``||(W_c - P_c D_c) L_c||`` with ``L_c L_c^T``
-    the K x K second moment of that channel's patches (cross-channel terms ignored)."""
-    g, og, cg, k = W.shape
-    a, _, _, _, _ = _split(m, cg, k)
-    acc = torch.diagonal(a, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (g, Cg, K, K)
-    scale = torch.diagonal(acc, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)
-    eye = torch.eye(k, dtype=acc.dtype, device=acc.device)
-    L = torch.linalg.cholesky(acc + eps * scale[..., None, None] * eye)
-    Wc = W.permute(0, 2, 1, 3)  # (g, Cg, Og, K)
-    u, s, vh = torch.linalg.svd(Wc @ L, full_matrices=False)
-    t = min(t, s.shape[-1])
-    D = torch.linalg.solve_triangular(L, vh[..., :t, :], upper=False, left=False)  # (g,Cg,T,K)
-    P = (u[..., :t] * s[..., None, :t]).permute(0, 2, 1, 3)  # (g, Og, Cg, T)
-    return P, D
-
-
 def full_solve(m: Moments, W: torch.Tensor, bias, ridge: float):
     """Unconstrained least-squares kernel (g, Og, Cg*K) (and bias), ridge towards ``W``."""
     g, og, dim = W.shape
@@ -308,51 +293,40 @@ def composed_weight(order: str, first, second) -> torch.Tensor:
 
 
 def refit_factors(m: Moments, order: str, first, second, bias, *, ridge: float,
-                  iterations: int, weighted_init: bool = True):
-    """Alternating least squares on both convs from patch moments ``m``.
+                  iterations: int):
+    """Alternating least squares on both convs from patch moments ``m``, starting from the
+    given factors and ending with the conv that produces the output.
 
     dw-pw: pointwise (+bias) solve, then ``iterations`` rounds of depthwise solve + pointwise
-    solve; with ``weighted_init`` the activation-weighted SVD of the unconstrained LS kernel is
-    tried as a second start and the better result kept. pw-dw: depthwise (+bias) solve, then
-    rounds of pointwise solve + depthwise solve. Returns (first, second, bias, objective).
+    solve. pw-dw: depthwise (+bias) solve, then rounds of pointwise solve + depthwise solve.
+    Stops early when a round gains less than 1e-6 (relative). Returns (first, second, bias,
+    objective) of the best iterate.
     """
+    dwpw = order == "dw-pw"
+
     def score(f, s, b):
         return float(objective(_with_bias(composed_weight(order, f, s), b), m).sum())
 
-    def run(f, s, b):
-        if order == "dw-pw":
-            D, P = f, s
-            P, b = dwpw_pointwise_step(m, P, D, b, ridge)
-            best = (D, P, b, score(D, P, b))
-            for _ in range(iterations):
-                D = dwpw_depthwise_step(m, P, D, b, ridge)
-                P, b = dwpw_pointwise_step(m, P, D, b, ridge)
-                sc = score(D, P, b)
-                if sc >= best[3] * (1 - 1e-6):
-                    best = (D, P, b, sc) if sc < best[3] else best
-                    break
-                best = (D, P, b, sc)
-            return best
-        Q, D = f, s
-        D, b = pwdw_depthwise_step(m, Q, D, b, ridge)
-        best = (Q, D, b, score(Q, D, b))
-        for _ in range(iterations):
-            Q = pwdw_pointwise_step(m, Q, D, b, ridge)
-            D, b = pwdw_depthwise_step(m, Q, D, b, ridge)
-            sc = score(Q, D, b)
-            if sc >= best[3] * (1 - 1e-6):
-                best = (Q, D, b, sc) if sc < best[3] else best
-                break
-            best = (Q, D, b, sc)
-        return best
+    def last_step(f, s, b):  # the conv that carries the bias
+        if dwpw:
+            s, b = dwpw_pointwise_step(m, s, f, b, ridge)
+        else:
+            s, b = pwdw_depthwise_step(m, f, s, b, ridge)
+        return f, s, b
 
-    best = run(first, second, bias)
-    if order == "dw-pw" and weighted_init:
-        g, cg, t, k = first.shape
-        W, _ = full_solve(m, composed_weight(order, first, second), bias, ridge)
-        P0, D0 = dwpw_weighted_svd(m, W.reshape(g, -1, cg, k), t)
-        if D0.shape[2] == t:
-            other = run(D0, P0, bias)
-            if other[3] < best[3]:
-                best = other
+    def first_step(f, s, b):
+        return dwpw_depthwise_step(m, s, f, b, ridge) if dwpw else pwdw_pointwise_step(m, f, s, b, ridge)
+
+    f, s, b = last_step(first, second, bias)
+    best = (f, s, b, score(f, s, b))
+    for _ in range(iterations):
+        f, s, b = last_step(first_step(f, s, b), s, b)
+        sc = score(f, s, b)
+        if sc < best[3]:
+            gain = best[3] - sc
+            best = (f, s, b, sc)
+            if gain <= 1e-6 * sc:
+                break
+        else:
+            break
     return best
