@@ -19,7 +19,8 @@ from torch import nn
 
 from .config import DecoupleConfig
 from .fold import fold_batchnorm_
-from .layers import decouple_conv
+from .fast import fast_form, to_plain
+from .layers import decouple_conv, decoupled_form, is_decoupled
 from .metrics import infer_input_shape, param_count, trace
 from .plan import FilterFn, LayerPlan, make_plan
 from .report import Report, totals
@@ -35,7 +36,8 @@ def _resolve(config: DecoupleConfig | None, kwargs: dict[str, Any]) -> DecoupleC
 
 
 def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
-         filter_fn: FilterFn | None = None, meta: dict | None = None, **kwargs: Any) -> Report:
+         filter_fn: FilterFn | None = None, meta: dict | None = None,
+         timer: Any = None, latency_fn: Any = None, **kwargs: Any) -> Report:
     """What :func:`decompose_` would do, as a report; the model is not changed.
 
     Args:
@@ -44,6 +46,10 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
             build or override one.
         filter_fn: ``filter_fn(module, fqn) -> bool``; convs for which it is False stay as they are.
         meta: what a decompose file recorded (used for the input shape).
+        timer: the clock for the planner's timings (``form="fastest"``, ``latency_aware``,
+            ``target_latency``); default :func:`time.perf_counter`. For deterministic tests.
+        latency_fn: ``latency_fn(layer, label, module, x) -> ms`` replaces those timings
+            (see :mod:`decompose.latency_plan`).
     """
     config = _resolve(config, kwargs)
     if config.fold_bn:  # plan what decompose_ would do: on a folded copy
@@ -54,7 +60,11 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
         folded = []
     shape, source = infer_input_shape(model, config.input_shape, meta)
     shapes = trace(model, shape)
-    layers = make_plan(model, config, shape, filter_fn, shapes)
+    timing = None
+    if config.timed:
+        from .latency_plan import LayerTimer
+        timing = LayerTimer(model, config, shape, timer=timer, latency_fn=latency_fn)
+    layers = make_plan(model, config, shape, filter_fn, shapes, timing=timing)
     macs_before = _macs_from_trace(model, shapes)
     params = param_count(model)
     saved = sum(lp.params_before - lp.params_after for lp in layers if lp.skipped is None)
@@ -62,6 +72,8 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
                     config.to_dict(), shape, source)
     if config.fold_bn:
         report.extra["folded_bn"] = [list(p) for p in folded]
+    if timing is not None:
+        report.extra["latency_plan"] = dict(timing.summary)
     return report
 
 
@@ -76,22 +88,60 @@ def _macs_from_trace(model: nn.Module, shapes) -> int:
     return total
 
 
-def apply_plan(model: nn.Module, layers: list[LayerPlan]) -> nn.Module:
-    """Replace every planned (not skipped) conv by its decoupled form, in place."""
+def apply_plan(model: nn.Module, layers: list[LayerPlan], *, forms: bool = True) -> nn.Module:
+    """Replace every planned (not skipped) conv by its decoupled form, in place.
+
+    The form is ``lp.extra["form"]`` (``"plain"`` when absent); ``forms=False`` builds every
+    layer plain (e.g. to calibrate first, then :func:`finalize_forms_`).
+    """
     for lp in layers:
         if lp.skipped is None:
             conv = model.get_submodule(lp.name)
-            replace_module(model, lp.name, decouple_conv(conv, lp.rank, lp.order))
+            seq = decouple_conv(conv, lp.rank, lp.order)
+            form = lp.extra.get("form", "plain") if forms else "plain"
+            if form != "plain":
+                seq = fast_form(seq, form)
+            replace_module(model, lp.name, seq)
     return model
+
+
+def finalize_forms_(model: nn.Module, report: Report | list[LayerPlan]) -> int:
+    """Convert every decoupled layer of ``model`` to the form its plan chose
+    (``lp.extra["form"]``, exact: same function up to float rounding), in place; returns how
+    many changed. Run after calibration (which works on the plain form) and before measuring
+    or saving; a no-op for layers already in their form."""
+    layers = report.layers if isinstance(report, Report) else report
+    changed = 0
+    for lp in layers:
+        if lp.skipped is not None:
+            continue
+        m = model.get_submodule(lp.name)
+        want = lp.extra.get("form", "plain")
+        if is_decoupled(m) and decoupled_form(m) != want:
+            replace_module(model, lp.name, fast_form(m, want))
+            changed += 1
+    return changed
+
+
+def plain_forms_(model: nn.Module) -> int:
+    """Convert every decoupled layer of ``model`` that is not in the plain form (``"dw1"``) to
+    the plain form, exactly, in place; returns how many. :func:`decompose.calibrate_` and
+    fine-tuning expect the plain form; :func:`finalize_forms_` converts back."""
+    names = [n for n, m in model.named_modules() if is_decoupled(m) and decoupled_form(m) != "plain"]
+    for n in names:
+        replace_module(model, n, to_plain(model.get_submodule(n)))
+    return len(names)
 
 
 def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
                filter_fn: FilterFn | None = None, meta: dict | None = None,
-               **kwargs: Any) -> Report:
+               timer: Any = None, latency_fn: Any = None, **kwargs: Any) -> Report:
     """Decouple the convolutions of ``model`` in place and return the report.
 
     Each selected conv becomes ``nn.Sequential(conv_dw, conv_pw)`` (or ``conv_pw, conv_dw`` for
-    the pw-dw order) holding the rank-T truncated SVD of its kernel. Arguments as in :func:`plan`.
+    the pw-dw order) holding the rank-T truncated SVD of its kernel, built in the form the
+    plan chose (``config.form``; :func:`plain_forms_` / :func:`finalize_forms_` convert).
+    Arguments as in :func:`plan`.
 
     Example:
         >>> import torch, decompose
@@ -105,7 +155,8 @@ def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
     config = _resolve(config, kwargs)
     params_given = param_count(model)
     folded = fold_batchnorm_(model) if config.fold_bn else None
-    report = plan(model, dataclasses.replace(config, fold_bn=False), filter_fn=filter_fn, meta=meta)
+    report = plan(model, dataclasses.replace(config, fold_bn=False), filter_fn=filter_fn, meta=meta,
+                  timer=timer, latency_fn=latency_fn)
     report.config = config.to_dict()
     if folded is not None:
         report.extra["folded_bn"] = [list(p) for p in folded]

@@ -13,6 +13,8 @@ from typing import Any
 from .errors import DecomposeError
 
 ORDERS = ("auto", "dw-pw", "pw-dw")
+FORMS = ("plain", "dw1", "auto", "fastest")
+RULES = ("rank", "energy", "target_macs", "target_params", "target_latency")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,22 @@ class DecoupleConfig:
             decoupling (the BN becomes ``nn.Identity``), so the truncation error is measured in
             the space the next layer sees. Default False (docs/bn-folding.md has the numbers).
         rank_overrides: ``{fqn: T}`` fixed ranks for some layers, whatever the rule.
+        target_latency: global latency budget: the whole model, timed on this machine at batch
+            ``latency_batch``, may take at most this fraction (0 < f < 1) of the original's
+            latency; per-layer (order, rank, form) minimise the sum of squared relative kernel
+            errors (docs/speed.md). Implies timing every option.
+        form: how a decoupled layer is built (docs/speed.md): ``"plain"`` (conv_dw with channel
+            multiplier T, conv_pw; default), ``"dw1"`` (channel multiplier 1 via a channel
+            repeat / grouped sum; fast on wide layers), ``"auto"`` (the cost-model rule of
+            :func:`decompose.fast.auto_form`), ``"fastest"`` (time the forms of each layer and
+            build the fastest). A layer whose best form would be the dense conv is kept original.
+        latency_aware: time every decoupled layer against its original conv on the input it
+            receives (random input of ``input_shape`` at batch ``latency_batch``) and keep the
+            original where decoupling is not faster by ``latency_margin``.
+        latency_batch: batch size of the planner's timing input (default 1).
+        threads: torch threads while the planner times (default: as set).
+        latency_margin: a decoupled layer must be at least this many times faster than the
+            original to be kept by a timing planner (default 1.05: timing noise).
     """
 
     rank: int | None = None
@@ -54,13 +72,19 @@ class DecoupleConfig:
     input_shape: tuple[int, ...] | None = None
     fold_bn: bool = False
     rank_overrides: dict[str, int] = field(default_factory=dict)
+    target_latency: float | None = None
+    form: str = "plain"
+    latency_aware: bool = False
+    latency_batch: int = 1
+    threads: int | None = None
+    latency_margin: float = 1.05
 
     def __post_init__(self) -> None:
-        chosen = [n for n in ("rank", "energy", "target_macs", "target_params")
-                  if getattr(self, n) is not None]
+        chosen = [n for n in RULES if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise DecomposeError(
-                f"choose one of --rank, --energy, --target-macs, --target-params (got {', '.join(chosen)})")
+                "choose one of --rank, --energy, --target-macs, --target-params, "
+                f"--target-latency (got {', '.join(chosen)})")
         if not chosen:
             object.__setattr__(self, "rank", 1)
         if self.rank is not None:
@@ -70,13 +94,25 @@ class DecoupleConfig:
             e = self.energy
             if not isinstance(e, (int, float)) or not (0 < e <= 1):
                 raise DecomposeError(f"energy must be in (0, 1], got {e!r}; try --energy 0.9")
-        for name in ("target_macs", "target_params"):
+        for name in ("target_macs", "target_params", "target_latency"):
             f = getattr(self, name)
             if f is not None and (not isinstance(f, (int, float)) or not (0 < f < 1)):
                 flag = "--" + name.replace("_", "-")
                 raise DecomposeError(f"{name} must be in (0, 1), got {f!r}; try {flag} 0.5")
         if self.order not in ORDERS:
             raise DecomposeError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.form not in FORMS:
+            raise DecomposeError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}; "
+                                 "try --form auto")
+        for name in ("latency_batch", "threads"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise DecomposeError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.latency_batch is None:
+            raise DecomposeError("latency_batch must be an integer >= 1, got None")
+        m = self.latency_margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (1 <= m < 10):
+            raise DecomposeError(f"latency_margin must be a number in [1, 10), got {m!r}; try 1.05")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.input_shape is not None:
@@ -90,11 +126,17 @@ class DecoupleConfig:
 
     @property
     def selection(self) -> str:
-        """Which rank rule is active: 'rank', 'energy', 'target_macs' or 'target_params'."""
-        for n in ("rank", "energy", "target_macs", "target_params"):
+        """Which rank rule is active: 'rank', 'energy', 'target_macs', 'target_params' or
+        'target_latency'."""
+        for n in RULES:
             if getattr(self, n) is not None:
                 return n
         return "rank"  # pragma: no cover - __post_init__ sets rank
+
+    @property
+    def timed(self) -> bool:
+        """Whether planning times layers on this machine."""
+        return self.latency_aware or self.form == "fastest" or self.target_latency is not None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

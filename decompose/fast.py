@@ -39,7 +39,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .layers import CONV_TYPES, conv_dim, decoupled_order, decoupled_rank, is_decoupled
+from .layers import CONV_TYPES, conv_dim, decoupled_form, decoupled_order, decoupled_rank, is_decoupled
 
 FORMS = ("plain", "dense", "dw1")
 CHOICES = ("auto",) + FORMS
@@ -100,6 +100,8 @@ def _check(seq: nn.Module) -> tuple[str, int, nn.Module, nn.Module]:
     if not is_decoupled(seq):
         raise TypeError("fast_form needs a decoupled layer (an nn.Sequential of conv_dw and "
                         f"conv_pw from decouple_conv), got {type(seq).__name__}")
+    if decoupled_form(seq) != "plain":
+        raise TypeError("expected the plain form of a decoupled layer; convert it with to_plain")
     order = decoupled_order(seq)
     dw, pw = seq.conv_dw, seq.conv_pw
     if any(k != 1 for k in pw.kernel_size) or any(s != 1 for s in pw.stride) \
@@ -110,6 +112,31 @@ def _check(seq: nn.Module) -> tuple[str, int, nn.Module, nn.Module]:
         raise ValueError("a pw-dw layer whose conv_pw has a bias has no exact dense form "
                          "(the bias would be padded); decouple_conv never builds one")
     return order, decoupled_rank(seq), dw, pw
+
+
+def to_plain(seq: nn.Module) -> nn.Module:
+    """The plain form (``conv_dw`` with channel multiplier T, ``conv_pw``) of a decoupled layer in
+    any form: ``seq`` itself when it is plain, else a new, exactly equal module. Calibration and
+    fine-tuning work on this form."""
+    if not is_decoupled(seq):
+        raise TypeError(f"to_plain needs a decoupled layer, got {type(seq).__name__}")
+    if decoupled_form(seq) == "plain":
+        return seq
+    order, t = decoupled_order(seq), decoupled_rank(seq)
+    dw, pw = seq.conv_dw, seq.conv_pw
+    if order == "dw-pw":  # repeat + multiplier-1 dw == multiplier-T dw with the same weights
+        c_in = dw.in_channels // t
+        new_dw = _like(dw, c_in, c_in * t, c_in, dw.weight.detach(),
+                       dw.bias.detach() if dw.bias is not None else None)
+        parts = OrderedDict(conv_dw=new_dw, conv_pw=copy.deepcopy(pw))
+    else:  # dw with groups C_out*T then a sum of runs of T == dw with groups C_out
+        c_out = dw.out_channels // t
+        bias = dw.bias.detach().reshape(c_out, t).sum(1) if dw.bias is not None else None
+        new_dw = _like(dw, c_out * t, c_out, c_out, dw.weight.detach(), bias)
+        parts = OrderedDict(conv_pw=copy.deepcopy(pw), conv_dw=new_dw)
+    out = nn.Sequential(parts)
+    out.train(seq.training)
+    return out
 
 
 def _tuple(p) -> tuple:
@@ -135,6 +162,7 @@ def rebuilt_weight(seq: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     Summed in float64 and cast back to the layer's dtype.
     """
+    seq = to_plain(seq)
     order, t, dw, pw = _check(seq)
     dtype = pw.weight.dtype
     k = dw.weight.shape[2:]
@@ -211,7 +239,7 @@ def estimated_speedup(seq: nn.Module) -> float:
     one machine (docs/layouts.md says how often it was right); a planner that can time the forms
     should (:func:`candidate_forms`, :func:`decompose.latency.compare_latency`).
     """
-    order, t, dw, pw = _check(seq)
+    order, t, dw, pw = _check(to_plain(seq))
     taps = dw.weight[0, 0].numel()
     a = INTERMEDIATE_COST[1 if t == 1 else 2]
     g = pw.groups
@@ -240,6 +268,7 @@ def auto_form(seq: nn.Module) -> str:
       strided dw-pw layer (``"dw1"`` would repeat the input at the input resolution);
     * else ``"dw1"``.
     """
+    seq = to_plain(seq)
     order, t, dw, _ = _check(seq)
     if estimated_speedup(seq) <= AUTO_MARGIN:
         return "dense"
@@ -259,6 +288,7 @@ def fast_form(seq: nn.Module, form: str = "auto") -> nn.Module:
     The result is in the same train/eval mode as ``seq``; ``seq`` is not modified. Outputs agree
     with ``seq`` to float rounding (``"dense"`` sums the T terms in another order).
     """
+    seq = to_plain(seq)
     if form == "auto":
         form = auto_form(seq)
     if form not in FORMS:
@@ -272,6 +302,7 @@ def fast_form(seq: nn.Module, form: str = "auto") -> nn.Module:
 def candidate_forms(seq: nn.Module) -> dict[str, nn.Module]:
     """Every distinct form of ``seq``, by name, for a planner to time side by side
     (``"dw1"`` is left out at T = 1, where it is ``"plain"``)."""
+    seq = to_plain(seq)
     _, t, _, _ = _check(seq)
     return {f: fast_form(seq, f) for f in FORMS if not (t == 1 and f == "dw1")}
 

@@ -34,19 +34,32 @@ def is_conv(m: nn.Module) -> bool:
 
 
 def is_decoupled(m: nn.Module) -> bool:
-    """True for a module built by :func:`decouple_conv` (or the same shape saved and reloaded)."""
-    return (isinstance(m, nn.Sequential) and len(m) == 2
-            and hasattr(m, "conv_dw") and hasattr(m, "conv_pw"))
+    """True for a module built by :func:`decouple_conv` (or the same shape saved and reloaded),
+    in its plain form (``conv_dw``, ``conv_pw``) or the ``"dw1"`` form of
+    :func:`decompose.fast.fast_form` (three children: ``repeat, conv_dw, conv_pw`` or
+    ``conv_pw, conv_dw, sum``)."""
+    if not (isinstance(m, nn.Sequential) and hasattr(m, "conv_dw") and hasattr(m, "conv_pw")):
+        return False
+    if len(m) == 2:
+        return True
+    return len(m) == 3 and (hasattr(m, "repeat") or hasattr(m, "sum"))
+
+
+def decoupled_form(m: nn.Module) -> str:
+    """``"plain"`` or ``"dw1"`` for a decoupled module (see :func:`is_decoupled`)."""
+    return "dw1" if len(m) == 3 else "plain"
 
 
 def decoupled_order(m: nn.Module) -> str:
-    """'dw-pw' or 'pw-dw' for a decoupled module, read from the order of its children."""
-    first = next(iter(m._modules))
+    """'dw-pw' or 'pw-dw' for a decoupled module, read from the order of its convs."""
+    first = next(n for n in m._modules if n in ("conv_dw", "conv_pw"))
     return "dw-pw" if first == "conv_dw" else "pw-dw"
 
 
 def decoupled_rank(m: nn.Module) -> int:
-    """The number of depthwise-separable terms T in a decoupled module."""
+    """The number of depthwise-separable terms T in a decoupled module (either form)."""
+    if len(m) == 3:  # dw1: the helper module holds T
+        return int(m.repeat.repeats) if hasattr(m, "repeat") else int(m.sum.size)
     if decoupled_order(m) == "dw-pw":
         return m.conv_dw.out_channels // m.conv_dw.in_channels
     return m.conv_pw.out_channels // m.conv_dw.out_channels

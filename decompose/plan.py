@@ -173,32 +173,43 @@ def _per_layer_rank(lp: LayerPlan, cands: dict[str, Candidate], config: Decouple
     return _finish(lp, cands[order], cheaper[order][0])
 
 
-def _budget(plans: list[tuple[LayerPlan, dict[str, Candidate]]], key: str, fraction: float) -> None:
-    """Spread ranks under a global budget (MACs or params) to minimise the sum over layers of the
-    squared relative kernel error; a layer may also stay original (error 0, full cost).
+def _unfinish(lp: LayerPlan, reason: str) -> LayerPlan:
+    """Turn a planned layer back into a kept original, with the reason."""
+    lp.order = lp.rank = None
+    lp.macs_after, lp.params_after = lp.macs_before, lp.params_before
+    lp.kernel_error, lp.energy = 0.0, 1.0
+    lp.skipped = reason
+    lp.extra.pop("form", None)
+    return lp
 
-    Lagrangian relaxation (each layer minimises err^2 + lam * cost; bisection on lam), then a
-    greedy fill of the remaining budget by best error decrease per unit cost.
-    """
-    cost_of = (lambda c, t: c.macs(t)) if key == "macs" else (lambda c, t: c.params(t))
-    before = (lambda lp: lp.macs_before) if key == "macs" else (lambda lp: lp.params_before)
-    layers = []
-    for lp, cands in plans:
-        opts = [(before(lp), 0.0, None, 0)]  # keep the original
-        for c in cands.values():
-            for t in range(1, c.max_rank + 1):
-                cost = cost_of(c, t)
-                if cost < before(lp):
-                    opts.append((cost, c.errors[t - 1] ** 2, c, t))
-        layers.append(opts)
-    budget = fraction * sum(before(lp) for lp, _ in plans)
-    cheapest = sum(min(o[0] for o in opts) for opts in layers)
-    if cheapest > budget:
-        total = sum(before(lp) for lp, _ in plans)
-        flag = "--target-macs" if key == "macs" else "--target-params"
-        raise DecomposeError(f"{flag} {fraction} cannot be met: the cheapest plan (rank 1 "
-                             f"everywhere) costs {cheapest / total:.3f} of the original; raise it")
 
+def form_params(conv: nn.Module, order: str, rank: int, form: str) -> int:
+    """Parameters a form adds to the plain decoupled layer: the ``"dw1"`` pw-dw form carries its
+    bias on a depthwise conv of ``C_out*T`` channels (zeros but the first of each group of T)."""
+    if form == "dw1" and order == "pw-dw" and conv.bias is not None and rank > 1:
+        return conv.out_channels * (rank - 1)
+    return 0
+
+
+def set_form(lp: LayerPlan, conv: nn.Module, form: str) -> LayerPlan:
+    """Record the form a decoupled layer is built in (``lp.extra["form"]``) and its parameters.
+    dw1 at T = 1 is the plain form. MACs do not change: the channel repeat / grouped sum of dw1
+    are counted as 0 multiply-adds (they are memory moves and additions, not multiply-adds)."""
+    if form == "dw1" and lp.rank == 1:
+        form = "plain"
+    lp.extra["form"] = form
+    lp.params_after += form_params(conv, lp.order, lp.rank, form)
+    return lp
+
+
+Option = tuple  # (cost, squared error, payload); payload None = keep the original
+
+
+def optimise(layers: list[list[Option]], budget: float) -> list[int]:
+    """Pick one option per layer with total cost <= ``budget`` minimising the summed squared
+    error: Lagrangian relaxation (each layer minimises err^2 + lam * cost; bisection on lam),
+    then a greedy fill of the remaining budget by best error decrease per unit cost. The caller
+    checks the cheapest choice fits."""
     def pick(lam: float) -> list[int]:
         return [min(range(len(o)), key=lambda i: (o[i][1] + lam * o[i][0], o[i][0])) for o in layers]
 
@@ -236,18 +247,49 @@ def _budget(plans: list[tuple[LayerPlan, dict[str, Candidate]]], key: str, fract
         i, j = best
         slack -= layers[i][j][0] - layers[i][choice[i]][0]
         choice[i] = j
+    return choice
+
+
+def _budget(plans: list[tuple[LayerPlan, dict[str, Candidate]]], key: str, fraction: float) -> None:
+    """Spread ranks under a global budget (MACs or params) to minimise the sum over layers of the
+    squared relative kernel error; a layer may also stay original (error 0, full cost).
+    (:func:`optimise`; the latency budget uses the same optimiser with measured costs.)
+    """
+    cost_of = (lambda c, t: c.macs(t)) if key == "macs" else (lambda c, t: c.params(t))
+    before = (lambda lp: lp.macs_before) if key == "macs" else (lambda lp: lp.params_before)
+    layers = []
+    for lp, cands in plans:
+        opts = [(before(lp), 0.0, None)]  # keep the original
+        for c in cands.values():
+            for t in range(1, c.max_rank + 1):
+                cost = cost_of(c, t)
+                if cost < before(lp):
+                    opts.append((cost, c.errors[t - 1] ** 2, (c, t)))
+        layers.append(opts)
+    budget = fraction * sum(before(lp) for lp, _ in plans)
+    cheapest = sum(min(o[0] for o in opts) for opts in layers)
+    if cheapest > budget:
+        total = sum(before(lp) for lp, _ in plans)
+        flag = "--target-macs" if key == "macs" else "--target-params"
+        raise DecomposeError(f"{flag} {fraction} cannot be met: the cheapest plan (rank 1 "
+                             f"everywhere) costs {cheapest / total:.3f} of the original; raise it")
+    choice = optimise(layers, budget)
     for (lp, _cands), opts, j in zip(plans, layers, choice):
-        cand, t = opts[j][2], opts[j][3]
-        if cand is None:
+        payload = opts[j][2]
+        if payload is None:
             lp.skipped = f"kept original: the {key} budget is better spent elsewhere"
         else:
-            _finish(lp, cand, t)
+            _finish(lp, *payload)
 
 
 def make_plan(model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, ...],
-              filter_fn: FilterFn | None = None, shapes: dict[str, Call] | None = None
-              ) -> list[LayerPlan]:
-    """Plan every Conv1d/2d/3d of ``model`` (nothing is changed)."""
+              filter_fn: FilterFn | None = None, shapes: dict[str, Call] | None = None,
+              timing: Any = None) -> list[LayerPlan]:
+    """Plan every Conv1d/2d/3d of ``model`` (nothing is changed).
+
+    ``timing``: a :class:`decompose.latency_plan.LayerTimer` for the options that time layers
+    (``config.timed``); one is made when needed and not given. Its ``summary`` says what it
+    measured."""
     shapes = shapes if shapes is not None else trace(model, input_shape)
     orders = ORDER_NAMES if config.order == "auto" else (config.order,)
     plans: list[LayerPlan] = []
@@ -274,11 +316,23 @@ def make_plan(model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, 
             continue
         cands = candidates(m, call, orders)
         lp.max_rank = max(c.max_rank for c in cands.values())
-        if config.selection in ("target_macs", "target_params") and name not in config.rank_overrides:
+        if config.selection in ("target_macs", "target_params", "target_latency") \
+                and name not in config.rank_overrides:
             budgeted.append((lp, cands))
         else:
             _per_layer_rank(lp, cands, config, config.rank_overrides.get(name))
-    if budgeted:
+    needs_forms = config.form != "plain" or config.timed
+    if needs_forms and timing is None:
+        from .latency_plan import LayerTimer
+        timing = LayerTimer(model, config, input_shape)
+    if budgeted and config.selection == "target_latency":
+        from .latency_plan import latency_budget
+        latency_budget(model, budgeted, config, timing)
+    elif budgeted:
         key = "macs" if config.selection == "target_macs" else "params"
         _budget(budgeted, key, config.target_macs or config.target_params)
+    if needs_forms:
+        from .latency_plan import choose_forms
+        fixed = {id(lp) for lp, _ in budgeted} if config.selection == "target_latency" else set()
+        choose_forms(model, [lp for lp in plans if id(lp) not in fixed], config, timing)
     return plans

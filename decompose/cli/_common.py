@@ -134,6 +134,23 @@ def rank_options(f: Callable) -> Callable:
         click.option("--input-shape", metavar="C,H,W",
                      help="One input sample's shape, to count multiply-adds. Default: "
                           "model.input_shape, else the file's, else C,224,224."),
+        click.option("--target-latency", metavar="F",
+                     help="Latency budget: the model, timed here at --plan-batch, takes at most "
+                          "fraction F (0<F<1) of the original; per-layer order/rank/form "
+                          "minimise total kernel error (docs/speed.md)."),
+        click.option("--form", type=click.Choice(["plain", "dw1", "auto", "fastest"]),
+                     default="plain", show_default=True,
+                     help="How decoupled layers are built: plain, dw1 (channel multiplier 1), "
+                          "auto (cost-model rule) or fastest (timed); a layer whose best form "
+                          "is the dense conv is kept original."),
+        click.option("--latency-aware", is_flag=True,
+                     help="Time every decoupled layer against its original on this machine and "
+                          "keep the original where it is not 1.05x faster."),
+        click.option("--plan-batch", type=int, default=1, show_default=True, metavar="N",
+                     help="Batch size at which the planner times layers (--latency-aware, "
+                          "--form fastest, --target-latency)."),
+        click.option("--plan-threads", type=int, metavar="N",
+                     help="Torch threads while the planner times. Default: as set."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -141,7 +158,8 @@ def rank_options(f: Callable) -> Callable:
 
 
 def config_from_options(rank, energy, target_macs, target_params, order, include, exclude,
-                        input_shape, fold_bn=False, **extra):
+                        input_shape, fold_bn=False, target_latency=None, form="plain",
+                        latency_aware=False, plan_batch=1, plan_threads=None, **extra):
     from ..config import DecoupleConfig
     return DecoupleConfig(
         rank=parse_number(rank, "--rank", int, "1"),
@@ -149,7 +167,10 @@ def config_from_options(rank, energy, target_macs, target_params, order, include
         target_macs=parse_number(target_macs, "--target-macs", float, "0.5"),
         target_params=parse_number(target_params, "--target-params", float, "0.5"),
         order=order, include=tuple(include), exclude=tuple(exclude),
-        input_shape=parse_shape(input_shape), fold_bn=fold_bn, **extra)
+        input_shape=parse_shape(input_shape), fold_bn=fold_bn,
+        target_latency=parse_number(target_latency, "--target-latency", float, "0.5"),
+        form=form, latency_aware=latency_aware, latency_batch=plan_batch,
+        threads=plan_threads, **extra)
 
 
 def pop_keys(d: dict, keys: list[str]) -> dict:
@@ -157,4 +178,5 @@ def pop_keys(d: dict, keys: list[str]) -> dict:
 
 
 RANK_KEYS = ["rank", "energy", "target_macs", "target_params", "order", "include", "exclude",
-             "input_shape", "fold_bn"]
+             "input_shape", "fold_bn", "target_latency", "form", "latency_aware", "plan_batch",
+             "plan_threads"]

@@ -138,10 +138,12 @@ def run_cmd(model: str, **opts) -> None:
                 from ..calibrate import calibrate_
                 log(f"calibrating on {opts['calib_samples']} images from {opts['calib_dir']} ...",
                     quiet)
+                api.plain_forms_(decomposed)  # calibration fits the plain form ...
                 cal = calibrate_(decomposed, original, calib, samples=opts["calib_samples"],
                                  refit_depthwise=opts["calib_method"] == "joint",
                                  progress=not quiet)
                 report.extra["calibration"] = cal.to_dict()
+                api.finalize_forms_(decomposed, report)  # ... then the chosen forms (exact)
             if batches is not None or lat["latency"]:
                 from ..measure import measure
                 measure(report, original, decomposed, batches=batches, latency=lat["latency"],
