@@ -8,6 +8,9 @@ the planner *time* each candidate layer on this machine, original and decomposed
 * each layer's original conv and its decomposed options are timed interleaved by
   :func:`decompose.latency.compare_latency` (warm-up, rounds in rotating order, median of the
   rounds), at ``config.threads`` threads;
+* an option's time is the original's median divided by the option's speed-up, the median of
+  per-round paired ratios (load that drifts between rounds cancels); the original is timed in
+  every comparison;
 * a decomposed option counts as faster only if ``original_ms >= config.latency_margin *
   option_ms`` (default 1.05): a layer that is not faster by that margin is kept original, and
   the report says so with both times.
@@ -35,7 +38,7 @@ from .config import DecoupleConfig
 from .errors import DecomposeError
 from .fast import AUTO_MARGIN, auto_form, estimated_speedup, fast_form
 from .kernel import factorize
-from .latency import Timer, compare_latency
+from .latency import Timer, compare_latency, speedups
 from .layers import decouple_conv, is_conv
 
 LatencyFn = Callable[[str, str, nn.Module, torch.Tensor], float]
@@ -44,8 +47,8 @@ LatencyFn = Callable[[str, str, nn.Module, torch.Tensor], float]
 LATENCY_FN: LatencyFn | None = None
 
 #: Timed rounds and untimed warm-up calls per comparison.
-REPEATS = 9
-WARMUP = 2
+REPEATS = 15
+WARMUP = 3
 #: A timed sample repeats the call until it lasts about this long (for microsecond layers).
 MIN_SAMPLE_MS = 1.0
 
@@ -99,15 +102,21 @@ class LayerTimer:
         if self.latency_fn is not None:
             return {k: float(self.latency_fn(name, k, m, x)) for k, m in modules.items()}
         key = _geometry(conv, x)
-        todo = {k: m for k, m in modules.items() if (key, k) not in self._cache}
-        if todo:
+        todo = {k: m for k, m in modules.items() if k != "original" and (key, k) not in self._cache}
+        if todo or (key, "original") not in self._cache:
+            # the original is timed in every call: decisions use paired per-round ratios
             number = _calls_for(conv, x)
-            res = compare_latency(todo, x, repeats=REPEATS, warmup=WARMUP, number=number,
+            res = compare_latency({"original": modules["original"], **todo}, x, repeats=REPEATS,
+                                  warmup=WARMUP, number=number,
                                   timer=self.timer or time.perf_counter,
                                   threads=self.config.threads)
-            for k, r in res.items():
-                self._cache[(key, k)] = r.median_ms
-        return {k: self._cache[(key, k)] for k in modules}
+            sp = speedups(res, "original")
+            self._cache.setdefault((key, "original"), res["original"].median_ms)
+            for k in todo:
+                self._cache[(key, k)] = sp[k]  # speed-up over the original
+        before = self._cache[(key, "original")]
+        return {k: before if k == "original" else before / self._cache[(key, k)]
+                for k in modules}
 
     def whole(self) -> float:
         """Median ms of the whole model on the planner's input."""
