@@ -277,7 +277,7 @@ def test_mismatched_original_is_refused():
 
 # ---------------------------------------------------------------------------- on real images
 
-MARGIN = 20.0  # points of top-1 calibration must add to ResNet-20 at T=2 (measured: ~45)
+MARGIN = 30.0  # points of top-1 calibration must add to ResNet-20 at T=2 (measured: 14% -> 67%)
 
 
 @pytest.mark.shared
@@ -288,7 +288,6 @@ def test_resnet20_calibration_recovers_accuracy_on_cifar():
     from decompose.evaluate import evaluate
     from decompose.models.cifar_resnet import resnet20
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     state = torch.load(MODELS / "resnet20.th", map_location="cpu", weights_only=True)["state_dict"]
     original = resnet20()
     original.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
@@ -296,10 +295,10 @@ def test_resnet20_calibration_recovers_accuracy_on_cifar():
     dec = copy.deepcopy(original)
     decompose.decompose_(dec, rank=2, exclude=("conv1",), order="dw-pw")
     test = list(make_loader(CIFAR / "test", batch_size=250, limit=500, seed=1))
-    before = evaluate(dec, test).top1
+    before = 100 * evaluate(dec, test, progress=False).top1
     calibrate_(dec, original, calibration_batches(CIFAR / "train", n_samples=256, seed=0),
                refit_depthwise=False, progress=False)
-    after = evaluate(dec, test).top1
-    ref = evaluate(original, test).top1
+    after = 100 * evaluate(dec, test, progress=False).top1
+    ref = 100 * evaluate(original, test, progress=False).top1  # 79.8 on these 500 images
     assert after - before >= MARGIN, (before, after, ref)
-    assert ref - after < 15, (before, after, ref)
+    assert ref - after < 20, (before, after, ref)
