@@ -138,6 +138,8 @@ def accuracy_rows(depth: int, base: nn.Module, batches, orders) -> list[dict]:
     rows.append({"depth": depth, "variant": "original, folded",
                  "top1": top1(logits_of(folded_base, batches), batches),
                  "logit_rel_err": rel(logits_of(folded_base, batches), ref)})
+    for row in rows:
+        print(json.dumps(row), flush=True)
     scales = bn_scales(base)
     for order in orders:
         for rank in RANKS:
@@ -193,6 +195,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "latency_threads": args.threads,
                       "images": args.images, "exclude": EXCLUDE}), flush=True)
     batches = None if args.no_accuracy else cached_batches(args.images)
     for depth in args.depth or DEPTHS:
