@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 import decompose
-from decompose.errors import DecomposeError
 from decompose.fast import rebuilt_weight
 from decompose.fold import find_conv_bn_pairs, fold_batchnorm_
 from decompose.io import load_model
@@ -60,21 +59,9 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def load_pretrained(depth: int) -> nn.Module:
-    """resnet{depth} with the shipped weights, through the safe loader when it can."""
+    """resnet{depth} with the shipped weights, through the safe loader."""
     path = MODELS / f"resnet{depth}.th"
-    arch = f"decompose.models.cifar_resnet:resnet{depth}"
-    try:
-        return load_model(path, arch=arch).model.eval()
-    except DecomposeError as e:
-        if "num_batches_tracked" not in str(e):
-            raise
-    # The checkpoint predates BatchNorm's num_batches_tracked buffer; torch fills it in on
-    # load_state_dict, but decompose.io's strict key check refuses it (reported, not fixed here).
-    from decompose.models.cifar_resnet import cifar_resnet
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = cifar_resnet(depth)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
-    return model.eval()
+    return load_model(path, arch=f"decompose.models.cifar_resnet:resnet{depth}").model.eval()
 
 
 def cached_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

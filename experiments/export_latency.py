@@ -8,8 +8,9 @@ conv decoupled (the CLI's defaults), data-free. "T=2 dw1" is T=2 with decompose.
 (the same function; each depthwise conv rewritten with channel multiplier 1).
 
 The same numbers for one pair come from the CLI:
-    decompose resnet20.pt --rank 1 -o r20-t1.pt
-    decompose export r20-t1.pt --onnx r20-t1.onnx --batch-size 64 --compare resnet20.pt
+    decompose resnet20.th --arch decompose.models.cifar_resnet:resnet20 --rank 1 -o r20-t1.pt
+    decompose export r20-t1.pt --onnx r20-t1.onnx --batch-size 64 --compare resnet20.th \
+        --arch decompose.models.cifar_resnet:resnet20
 
     python experiments/export_latency.py --threads 1  # both depths, batch 1 and 64, both clocks
     python experiments/export_latency.py --threads 2  # wall clock only
@@ -59,7 +60,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="onnxruntime intra-op threads (default: torch's count)")
     args = ap.parse_args()
-    # the loader that copes with the shipped checkpoints (see experiments/bn_folding.py)
     import onnxruntime
     from bn_folding import load_pretrained
     print(json.dumps({"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

@@ -187,11 +187,9 @@ def test_folding_then_decoupling_at_full_rank_is_exact():
 @pytest.mark.shared
 @needs_shared
 def test_resnet20_folds_every_bn_and_keeps_its_outputs():
-    from decompose.models.cifar_resnet import resnet20
-    ckpt = torch.load(MODELS / "resnet20.th", map_location="cpu", weights_only=True)
-    model = resnet20()
-    model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
-    model.eval()
+    from decompose.io import load_model
+    model = load_model(MODELS / "resnet20.th",
+                       arch="decompose.models.cifar_resnet:resnet20").model.eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref = model(x)
