@@ -5,6 +5,7 @@ Parsing and printing only: the loop is :func:`decompose.finetune.finetune`.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
       torchrun --nproc_per_node 2 --no-python decompose finetune small.pt --data train/ \\
           --val val/ --epochs 3 --device cpu
     """
-    from .. import finetune as ft
+    ft = importlib.import_module("decompose.finetune")  # the module: decompose.finetune is the function
     from .._distributed import distributed_env, resolve_device
     from ..io import load_model
     from ..progress import quiet_progress
