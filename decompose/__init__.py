@@ -11,7 +11,7 @@ Public API::
     finetune(model, train_loader, val_loader, teacher=original, config=FinetuneConfig(...))
 """
 
-from .api import apply_plan, decompose, decompose_, plan
+from .api import apply_plan, decompose, decompose_, finalize_forms_, plain_forms_, plan
 from .calibrate import CalibrationReport, calibrate_
 from .config import DecoupleConfig
 from .errors import DecomposeError
@@ -27,7 +27,9 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "calibrate_",
+    "finalize_forms_",
     "finetune",
+    "plain_forms_",
     "DecomposeError",
     "DecoupleConfig",
     "Report",

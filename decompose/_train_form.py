@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import decoupled_order, decoupled_rank, is_decoupled
+from .layers import decoupled_form, decoupled_order, decoupled_rank, is_decoupled
 
 FORMS = ("auto", "plain", "dense")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -57,6 +57,8 @@ def composed_kernel(seq: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _composable(seq: nn.Module) -> bool:
     """Exact as one conv: conv_pw is 1x1, stride 1, unpadded, and in the pw-dw order has no bias
     (padding of any mode commutes with a bias-free 1x1 conv, not with a biased one)."""
+    if decoupled_form(seq) != "plain":  # dw1's repeat/sum modules are not in the composed kernel
+        return False
     pw = seq.conv_pw
     pad = pw.padding if isinstance(pw.padding, tuple) else (pw.padding,)
     return (all(s == 1 for s in pw.kernel_size) and all(s == 1 for s in pw.stride)

@@ -429,3 +429,22 @@ def test_finetune_with_dense_form_saves_a_decoupled_safe_model(files, tmp_path):
     assert any(is_decoupled(m) for m in out.modules())
     assert not any("forward" in m.__dict__ for m in out.modules())
     assert res.best_epoch == 1
+
+
+def test_dw1_form_layers_train_in_their_own_form():
+    """A dw1-form layer is not composed into one dense conv for training (its repeat/sum modules
+    are not part of the composed kernel): training sees exactly the module's own function."""
+    import copy
+
+    from decompose._train_form import dense_training
+    from decompose.fast import fast_form
+    from decompose.layers import decouple_conv
+
+    seq = decouple_conv(torch.nn.Conv2d(4, 6, 3, padding=1), 2, "pw-dw")
+    dw1 = fast_form(seq, "dw1")
+    model = torch.nn.Sequential(dw1)
+    x = torch.randn(2, 4, 8, 8)
+    ref = copy.deepcopy(model)(x)
+    with dense_training(model, "dense", torch.device("cpu")):
+        out = model(x)
+    assert torch.allclose(out, ref, atol=1e-5)
