@@ -307,9 +307,9 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
         ridge: regularisation of every least-squares solve, relative to the mean diagonal of its
             normal matrix, pulling towards the current weights (>= 0). Default 1e-4.
         refit_depthwise: True fits both convs of each layer by alternating least squares on
-            patch statistics; False fits
-            only the conv that produces the output (``conv_pw`` + bias in dw-pw order,
-            ``conv_dw`` + bias in pw-dw order), which is cheaper. Default True.
+            patch statistics; False fits only the conv that produces the output (``conv_pw`` +
+            bias in dw-pw order, ``conv_dw`` + bias in pw-dw order): fewer unknowns, less
+            accurate (docs/calibration.md). Default True.
         iterations: alternating rounds of the joint fit after the first least-squares fit of the
             last conv (it stops early once a round gains nothing). Default 1.
         add_bias: give layers without a bias one (fitted too); it absorbs mean shifts, and the
