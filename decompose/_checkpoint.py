@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import DecomposeError
-from .io import atomic_write
+from .io import atomic_write, state_dict_mismatch
 
 FORMAT = "decompose-finetune"
 VERSION = 1
@@ -86,21 +86,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_same_model(model: nn.Module, sd: dict[str, torch.Tensor], path: Any) -> None:
     """Raise unless ``sd`` has exactly the keys and shapes of ``model``'s state_dict."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} shapes differ, e.g. {k} {tuple(sd[k].shape)} vs "
-                         f"{tuple(own[k].shape)}")
-        raise DecomposeError(f"checkpoint {path} was made for another model ({'; '.join(parts)})"
+    mismatch = state_dict_mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise DecomposeError(f"checkpoint {path} was made for another model ({mismatch})"
                              "; resume with the model it was made from, or start over with "
                              "--force")
 

@@ -18,8 +18,8 @@ from typing import Any
 from torch import nn
 
 from .config import DecoupleConfig
-from .fold import fold_batchnorm_
 from .fast import fast_form, to_plain
+from .fold import fold_batchnorm_
 from .layers import decouple_conv, decoupled_form, is_decoupled
 from .metrics import infer_input_shape, param_count, trace
 from .plan import FilterFn, LayerPlan, make_plan

@@ -39,7 +39,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .layers import CONV_TYPES, conv_dim, decoupled_form, decoupled_order, decoupled_rank, is_decoupled
+from .layers import (
+    CONV_TYPES,
+    conv_dim,
+    decoupled_form,
+    decoupled_order,
+    decoupled_rank,
+    is_decoupled,
+)
 
 FORMS = ("plain", "dense", "dw1")
 CHOICES = ("auto",) + FORMS

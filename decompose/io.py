@@ -216,6 +216,23 @@ def _strip_prefix(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
     return sd
 
 
+def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> str | None:
+    """How ``sd`` differs from a model's own state_dict ``own`` (keys and shapes), or None."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+    if bad_shape:
+        k = bad_shape[0]
+        parts.append(f"{len(bad_shape)} shape mismatches (e.g. {k}: file "
+                     f"{tuple(sd[k].shape)} vs model {tuple(own[k].shape)})")
+    return "; ".join(parts) or None
+
+
 def load_state_into(model: nn.Module, sd: dict[str, torch.Tensor], spec: str, path: Path) -> None:
     sd = _strip_prefix(sd, model)
     own = model.state_dict()
@@ -223,20 +240,9 @@ def load_state_into(model: nn.Module, sd: dict[str, torch.Tensor], spec: str, pa
     # shipped CIFAR ResNets among them); it only matters for momentum=None, so keep the model's.
     sd = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in sd},
           **sd}
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad_shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
-        if bad_shape:
-            k = bad_shape[0]
-            parts.append(f"{len(bad_shape)} shape mismatches (e.g. {k}: file "
-                         f"{tuple(sd[k].shape)} vs model {tuple(own[k].shape)})")
-        raise DecomposeError(f"{path} does not match --arch {spec}: {'; '.join(parts)}; "
+    mismatch = state_dict_mismatch(own, sd)
+    if mismatch:
+        raise DecomposeError(f"{path} does not match --arch {spec}: {mismatch}; "
                              "pass the --arch that built this checkpoint")
     model.load_state_dict(sd, strict=True)
 
