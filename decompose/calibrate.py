@@ -105,7 +105,6 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-
 class _Inputs:
     """Up to ``samples`` input tensors from ``batches`` (tensors or (x, y) pairs), re-iterable.
 
@@ -170,16 +169,16 @@ def _folded_bns(model: nn.Module, original: nn.Module) -> dict[str, str]:
     """conv name -> BN name for BNs folded into convs of ``model`` (Identity there, BN in
     ``original``)."""
     maybe = any(isinstance(m, nn.Identity)
-                and isinstance(getattr_or_none(original, n), nn.modules.batchnorm._BatchNorm)
+                and isinstance(_submodule(original, n), nn.modules.batchnorm._BatchNorm)
                 for n, m in model.named_modules())
     if not maybe:
         return {}
     from .fold import find_conv_bn_pairs
     return {c: b for c, b in find_conv_bn_pairs(original)
-            if isinstance(getattr_or_none(model, b), nn.Identity)}
+            if isinstance(_submodule(model, b), nn.Identity)}
 
 
-def getattr_or_none(model: nn.Module, name: str) -> nn.Module | None:
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -190,7 +189,7 @@ _GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "padding_mode")
 
 
 def _match(name: str, seq: nn.Module, original: nn.Module, folded: dict[str, str]) -> _Layer:
-    conv = getattr_or_none(original, name)
+    conv = _submodule(original, name)
     fix = "pass the untouched model the decoupled one was made from (copy.deepcopy it first)"
     if conv is None or not is_conv(conv):
         raise DecomposeError(f"the original model has no conv named {name}; {fix}")
@@ -275,14 +274,7 @@ def _solve(layer: _Layer, m: refit.Moments, joint: bool, ridge: float, iteration
     w2, b2 = refit.full_solve(m, w, bias, ridge)
     after = float(refit.objective(refit._with_bias(w2, b2), m).sum())
     if after <= before:
-        with torch.no_grad():
-            last.weight.copy_(w2.reshape(last.weight.shape).to(last.weight.dtype))
-            if b2 is not None:
-                b2 = b2.reshape(-1).to(last.weight.dtype)
-                if last.bias is None:
-                    last.bias = nn.Parameter(b2.clone(), requires_grad=last.weight.requires_grad)
-                else:
-                    last.bias.copy_(b2)
+        refit.set_conv(last, w2, b2)
     return before, min(before, after)
 
 
@@ -347,7 +339,6 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
         first = next(iter(inputs))
         counts = call_order(model, names, first[:2].to(dev_m))
         by_name = {lay.name: lay for lay in layers}
-        ordered = []
         for n in names:
             if n not in counts:
                 skipped[n] = "not called in a forward pass"
@@ -383,8 +374,7 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
                                   m.rows, time.perf_counter() - t1, note)
             results.append(lc)
             bar.set_postfix_str(f"{layer.name} err {lc.error_before:.3f}->{lc.error_after:.3f}")
-        if hasattr(bar, "close"):
-            bar.close()
+        bar.close()
     settings = dict(ridge=ridge, refit_depthwise=refit_depthwise, iterations=iterations,
                     add_bias=add_bias, pixels_per_image=pixels_per_image, cache_mb=cache_mb,
                     seed=seed, samples=samples)

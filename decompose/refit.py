@@ -267,24 +267,29 @@ def read_factors(seq: nn.Module, order: str):
     return first, second, bias
 
 
+def set_conv(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Copy ``weight`` (any layout with the same number of elements) and, when given, ``bias``
+    into ``conv``, creating its bias parameter if it has none."""
+    with torch.no_grad():
+        conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight.dtype))
+        if bias is None:
+            return
+        b = bias.reshape(-1).to(conv.weight.dtype)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(b.clone(), requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(b)
+
+
 def write_factors(seq: nn.Module, order: str, first, second, bias) -> None:
     """Copy refitted factors back into the module (creating the last conv's bias if needed)."""
     dw, pw = seq.conv_dw, seq.conv_pw
     if order == "dw-pw":
-        pairs = [(dw, first), (pw, second)]
-        last = pw
+        set_conv(dw, first)
+        set_conv(pw, second, bias)
     else:
-        pairs = [(pw, first), (dw, second)]
-        last = dw
-    with torch.no_grad():
-        for conv, w in pairs:
-            conv.weight.copy_(w.reshape(conv.weight.shape).to(conv.weight.dtype))
-        if bias is not None:
-            b = bias.reshape(-1).to(last.weight.dtype)
-            if last.bias is None:
-                last.bias = nn.Parameter(b.clone(), requires_grad=last.weight.requires_grad)
-            else:
-                last.bias.copy_(b)
+        set_conv(pw, first)
+        set_conv(dw, second, bias)
 
 
 def composed_weight(order: str, first, second) -> torch.Tensor:

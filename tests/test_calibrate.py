@@ -195,6 +195,27 @@ def test_untraceable_model_falls_back_to_recompute_and_agrees():
         torch.testing.assert_close(dec(x), seq_dec(x), rtol=1e-4, atol=1e-5)
 
 
+def test_shared_and_unused_layers_are_skipped_and_said_so():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.unused = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.b(self.a(x).relu()).relu())
+
+    original = Twice().eval()
+    dec = copy.deepcopy(original)
+    for name in ("a", "b", "unused"):
+        setattr(dec, name, decouple_conv(getattr(dec, name), 1))
+    rep = calibrate_(dec, original, smooth(16, 3, 8, 8), progress=False)
+    assert [lc.name for lc in rep.layers] == ["a"]
+    assert "2 times" in rep.skipped["b"] and "not called" in rep.skipped["unused"]
+    assert "skipped" in str(rep)
+
+
 # -------------------------------------------------------------------------------------- memory
 
 
