@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import decompose
 from decompose._train_form import dense_training
-from decompose.data import make_loader
+from decompose.data import calibration_batches, make_loader
 from decompose.finetune import FinetuneConfig, FinetuneReport, finetune, finetune_control
 from decompose.models import resnet56
 
@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is several times faster on a shared, busy CPU")
     ap.add_argument("--no-control", action="store_true")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="label-free calibration on N training images before fine-tuning "
+                         "(decompose.calibrate_); 0 = none")
     ap.add_argument("--estimate-only", action="store_true", help="time, print, stop")
     ap.add_argument("--workdir", default="/tmp/finetune_resnet")
     args = ap.parse_args()
@@ -81,6 +84,11 @@ def main() -> None:
           f"params {tot['params_before']} -> {tot['params_after']}", flush=True)
 
     phase("decomposed")
+    if args.calibrate:
+        cal = decompose.calibrate_(student, teacher,
+                                   calibration_batches(TRAIN, n_samples=args.calibrate),
+                                   samples=args.calibrate, progress=False)
+        phase(f"calibrated on {cal.samples} images in {cal.seconds:.1f} s")
     train = make_loader(TRAIN, batch_size=args.batch_size, train=True)  # pad-4 crop + flip
     test = make_loader(TEST, batch_size=256)
 
@@ -115,7 +123,7 @@ def main() -> None:
     print(report)
     out = {**report.to_dict(), "decomposition": tot, "wall_minutes":
            round((time.time() - t_start) / 60, 2), "threads": torch.get_num_threads(),
-           "estimated_minutes": round(est, 1)}
+           "estimated_minutes": round(est, 1), "calibration_images": args.calibrate}
     (work / "result.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {work / 'result.json'}; total {out['wall_minutes']} min")
 
