@@ -21,7 +21,7 @@ from .config import DecoupleConfig
 from .fast import fast_form, to_plain
 from .fold import fold_batchnorm_
 from .layers import decouple_conv, decoupled_form, is_decoupled
-from .metrics import infer_input_shape, param_count, trace
+from .metrics import infer_input_shape, macs_from_trace, param_count, trace
 from .plan import FilterFn, LayerPlan, make_plan
 from .report import Report, totals
 from .surgery import replace_module
@@ -65,7 +65,7 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
         from .latency_plan import LayerTimer
         timing = LayerTimer(model, config, shape, timer=timer, latency_fn=latency_fn)
     layers = make_plan(model, config, shape, filter_fn, shapes, timing=timing)
-    macs_before = _macs_from_trace(model, shapes)
+    macs_before = macs_from_trace(model, shapes)
     params = param_count(model)
     saved = sum(lp.params_before - lp.params_after for lp in layers if lp.skipped is None)
     report = Report(layers, totals(layers, params, params - saved, macs_before),
@@ -75,17 +75,6 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
     if timing is not None:
         report.extra["latency_plan"] = dict(timing.summary)
     return report
-
-
-def _macs_from_trace(model: nn.Module, shapes) -> int:
-    from .layers import is_conv
-    from .metrics import conv_macs, linear_macs
-    total = 0
-    for name, call in shapes.items():
-        m = model.get_submodule(name)
-        one = conv_macs(m, call.out_shape) if is_conv(m) else linear_macs(m, call.out_shape)
-        total += one * call.calls
-    return total
 
 
 def apply_plan(model: nn.Module, layers: list[LayerPlan], *, forms: bool = True) -> nn.Module:

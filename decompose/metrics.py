@@ -99,8 +99,13 @@ def trace(model: nn.Module, input_shape: tuple[int, ...],
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Independent MAC count of a whole model by forward hooks (every call counted)."""
+    return macs_from_trace(model, trace(model, input_shape))
+
+
+def macs_from_trace(model: nn.Module, shapes: dict[str, Call]) -> int:
+    """Sum of conv and linear MACs over the calls a :func:`trace` recorded."""
     total = 0
-    for name, call in trace(model, input_shape).items():
+    for name, call in shapes.items():
         m = model.get_submodule(name)
         one = conv_macs(m, call.out_shape) if is_conv(m) else linear_macs(m, call.out_shape)
         total += one * call.calls

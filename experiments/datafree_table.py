@@ -42,12 +42,12 @@ import torch
 
 from decompose.data import make_loader
 from decompose.fast import fast_form
+from decompose.io import load_model
 from decompose.kernel import ORDER_NAMES
 from decompose.latency import compare_latency, speedups
 from decompose.layers import decouple_conv, is_conv
 from decompose.measure import cache_batches, evaluate_model
 from decompose.metrics import count_macs, param_count, trace
-from decompose.models import cifar_resnet
 from decompose.plan import candidates, choose_order
 from decompose.progress import progress
 from decompose.surgery import replace_module
@@ -71,12 +71,9 @@ INPUT_SHAPE = (3, 32, 32)
 
 
 def load_pretrained(depth: int) -> torch.nn.Module:
-    """resnet{depth} with the shipped weights (weights-only load, ``module.`` prefix stripped)."""
-    ckpt = torch.load(MODELS / f"resnet{depth}.th", map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    model = cifar_resnet(depth)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    """resnet{depth} with the shipped weights, through the safe loader the CLI uses."""
+    path = MODELS / f"resnet{depth}.th"
+    return load_model(path, arch=f"decompose.models.cifar_resnet:resnet{depth}").model.eval()
 
 
 def targets(model: torch.nn.Module) -> list[str]:

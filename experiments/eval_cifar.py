@@ -17,7 +17,7 @@ import torch
 
 from decompose.data import make_loader
 from decompose.evaluate import evaluate
-from decompose.models import cifar_resnet
+from decompose.io import load_model
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 DATA = SHARED / "data" / "cifar10" / "test"
@@ -25,12 +25,9 @@ MODELS = SHARED / "models" / "cifar-resnet"
 
 
 def load_pretrained(depth: int) -> torch.nn.Module:
-    """resnet{depth} with the shipped weights: weights-only load, `module.` prefix stripped."""
-    ckpt = torch.load(MODELS / f"resnet{depth}.th", map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    model = cifar_resnet(depth)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    """resnet{depth} with the shipped weights, through the safe loader the CLI uses."""
+    path = MODELS / f"resnet{depth}.th"
+    return load_model(path, arch=f"decompose.models.cifar_resnet:resnet{depth}").model.eval()
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import decompose
 from decompose._train_form import dense_training
 from decompose.data import calibration_batches, make_loader
 from decompose.finetune import FinetuneConfig, FinetuneReport, finetune, finetune_control
-from decompose.models import resnet56
+from decompose.io import load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 # ---- the recorded settings (docs/finetune.md) --------------------------------------------------
@@ -129,13 +129,8 @@ def main() -> None:
 
 
 def load_resnet56() -> torch.nn.Module:
-    """The shipped weights into decompose.models.cifar_resnet.resnet56. (torch's strict load
-    fills in the BatchNorm num_batches_tracked counters the file lacks; decompose.io's loader
-    refuses the file for that at the time of writing, see docs/finetune.md.)"""
-    sd = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
-    model = resnet56()
-    model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()}, strict=True)
-    return model.eval()
+    """The shipped weights, through the safe loader the CLI uses."""
+    return load_model(CHECKPOINT, arch="decompose.models.cifar_resnet:resnet56").model.eval()
 
 
 def estimate_minutes(student, teacher, args, with_control: bool) -> float:
