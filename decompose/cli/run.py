@@ -198,7 +198,6 @@ def report_cmd(model: str, **opts) -> None:
                                        trust=opts["trust"], write=False, quiet=True)
     if loaded.kind == "decomposed":
         report.extra["already_decomposed"] = loaded.meta.get("layers", [])
-        shape, _ = infer_input_shape(loaded.model, config.input_shape, loaded.meta)
         log(f"{model} was written by decompose: {len(loaded.meta.get('layers', []))} layers "
             f"decoupled from {loaded.meta.get('source')}")
     emit(report, opts["as_json"])
