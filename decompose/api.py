@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .config import DecoupleConfig
-from .fast import fast_form, to_plain
+from .fast import fast_form, is_channels_last, to_channels_last_, to_plain
 from .fold import fold_batchnorm_
 from .layers import decouple_conv, decoupled_form, is_decoupled
 from .metrics import infer_input_shape, macs_from_trace, param_count, trace
@@ -52,12 +52,12 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
             (see :mod:`decompose.latency_plan`).
     """
     config = _resolve(config, kwargs)
-    if config.fold_bn:  # plan what decompose_ would do: on a folded copy
-        import copy
+    if config.fold_bn or (config.channels_last and config.timed and not is_channels_last(model)):
+        import copy  # plan what decompose_ would do: on a folded / channels_last copy
         model = copy.deepcopy(model)
-        folded = fold_batchnorm_(model)
-    else:
-        folded = []
+        if config.channels_last:
+            to_channels_last_(model)
+    folded = fold_batchnorm_(model) if config.fold_bn else []
     shape, source = infer_input_shape(model, config.input_shape, meta)
     shapes = trace(model, shape)
     timing = None
@@ -109,6 +109,8 @@ def finalize_forms_(model: nn.Module, report: Report | list[LayerPlan]) -> int:
         if is_decoupled(m) and decoupled_form(m) != want:
             replace_module(model, lp.name, fast_form(m, want))
             changed += 1
+    if isinstance(report, Report) and report.config.get("channels_last"):
+        to_channels_last_(model)  # new modules (and refitted weights) in the model's layout
     return changed
 
 
@@ -143,6 +145,8 @@ def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
     """
     config = _resolve(config, kwargs)
     params_given = param_count(model)
+    if config.channels_last:
+        to_channels_last_(model)  # before planning: the planner times in the model's layout
     folded = fold_batchnorm_(model) if config.fold_bn else None
     report = plan(model, dataclasses.replace(config, fold_bn=False), filter_fn=filter_fn, meta=meta,
                   timer=timer, latency_fn=latency_fn)
@@ -151,6 +155,8 @@ def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
         report.extra["folded_bn"] = [list(p) for p in folded]
         report.totals["params_before"] = params_given  # the model as given, BatchNorms included
     apply_plan(model, report.layers)
+    if config.channels_last:
+        to_channels_last_(model)
     return report
 
 

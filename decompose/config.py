@@ -60,6 +60,10 @@ class DecoupleConfig:
         threads: torch threads while the planner times (default: as set).
         latency_margin: a decoupled layer must be at least this many times faster than the
             original to be kept by a timing planner (default 1.05: timing noise).
+        channels_last: lay the model's 4-D (5-D) weights out channels_last (channels_last_3d)
+            before planning, and keep the decoupled model so: PyTorch then runs every conv in
+            that layout even on a contiguous NCHW input, which is what makes depthwise convs
+            fast on CPU (docs/layouts.md). The planner times in this layout. Default False.
     """
 
     rank: int | None = None
@@ -78,6 +82,7 @@ class DecoupleConfig:
     latency_batch: int = 1
     threads: int | None = None
     latency_margin: float = 1.05
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         chosen = [n for n in RULES if getattr(self, n) is not None]
@@ -113,6 +118,8 @@ class DecoupleConfig:
         m = self.latency_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not (1 <= m < 10):
             raise DecomposeError(f"latency_margin must be a number in [1, 10), got {m!r}; try 1.05")
+        if not isinstance(self.channels_last, bool):
+            raise DecomposeError(f"channels_last must be True or False, got {self.channels_last!r}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.input_shape is not None:

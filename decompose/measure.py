@@ -19,6 +19,7 @@ The JSON these fill in is documented in docs/report.md.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import DecomposeError
+from .fast import is_channels_last, to_channels_last_
 from .latency import compare_latency, speedups
 from .plan import LayerPlan
 from .progress import is_quiet, progress
@@ -230,13 +232,33 @@ def _calls_for(module: nn.Module, x: torch.Tensor, min_ms: float) -> int:
 
 
 def _time_pair(before: nn.Module, after: nn.Module, x: torch.Tensor, *, repeats: int,
-               warmup: int, threads: int | None, min_sample_ms: float) -> dict[str, Any]:
+               warmup: int, threads: int | None, min_sample_ms: float,
+               same_layout: nn.Module | None = None) -> dict[str, Any]:
+    """Time ``before`` and ``after`` side by side; with ``same_layout`` (the original in the
+    decomposed model's memory layout) that one too, in the same rounds."""
     number = _calls_for(before, x, min_sample_ms)
-    res = compare_latency({"before": before, "after": after}, x, repeats=repeats, warmup=warmup,
-                          number=number, threads=threads)
-    return {"before_ms": res["before"].median_ms, "after_ms": res["after"].median_ms,
-            "speedup": speedups(res, "before")["after"], "threads": res["before"].threads,
-            "number": number}
+    modules = {"before": before, "after": after}
+    if same_layout is not None:
+        modules["same_layout"] = same_layout
+    res = compare_latency(modules, x, repeats=repeats, warmup=warmup, number=number,
+                          threads=threads)
+    out = {"before_ms": res["before"].median_ms, "after_ms": res["after"].median_ms,
+           "speedup": speedups(res, "before")["after"], "threads": res["before"].threads,
+           "number": number}
+    if same_layout is not None:
+        out["before_same_layout_ms"] = res["same_layout"].median_ms
+        out["speedup_same_layout"] = speedups(res, "same_layout")["after"]
+    return out
+
+
+def _same_layout_original(original: nn.Module, decomposed: nn.Module) -> nn.Module | None:
+    """The original laid out channels_last when only the decomposed model is (else None): the
+    speed-up that decoupling alone brings is measured against it."""
+    if is_channels_last(decomposed) and not is_channels_last(original):
+        twin = copy.deepcopy(original)
+        to_channels_last_(twin)
+        return twin
+    return None
 
 
 def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
@@ -311,7 +333,8 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
                            quiet=quiet if len(jobs) > 1 else True):
             if lp is None:
                 whole = _time_pair(original, decomposed, x, repeats=repeats, warmup=warmup,
-                                   threads=threads, min_sample_ms=min_sample_ms)
+                                   threads=threads, min_sample_ms=min_sample_ms,
+                                   same_layout=_same_layout_original(original, decomposed))
                 continue
             if lp.name not in inputs:
                 continue
@@ -322,10 +345,15 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
             lp.extra["latency_before_ms"] = one["before_ms"]
             lp.extra["latency_after_ms"] = one["after_ms"]
             lp.extra["latency_speedup"] = one["speedup"]
-    return {"before_ms": whole["before_ms"], "after_ms": whole["after_ms"],
-            "speedup": whole["speedup"], "batch_size": int(x.shape[0]),
-            "threads": whole["threads"], "repeats": repeats, "warmup": warmup,
-            "per_layer": bool(per_layer and done)}
+    out = {"before_ms": whole["before_ms"], "after_ms": whole["after_ms"],
+           "speedup": whole["speedup"], "batch_size": int(x.shape[0]),
+           "threads": whole["threads"], "repeats": repeats, "warmup": warmup,
+           "per_layer": bool(per_layer and done),
+           "layout": "channels_last" if is_channels_last(decomposed) else "as given"}
+    for k in ("before_same_layout_ms", "speedup_same_layout"):
+        if k in whole:
+            out[k] = whole[k]
+    return out
 
 
 def _replaced(original: nn.Module, name: str, folded: dict[str, str]) -> nn.Module:

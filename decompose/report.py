@@ -155,6 +155,10 @@ def render_table(r: Report) -> str:
                      f"({_speed(lat['speedup'])})"
                      f" at batch {lat.get('batch_size', '?')}, {lat.get('threads', '?')} threads, "
                      f"median of {lat.get('repeats', '?')} interleaved rounds{per}")
+        if lat.get("speedup_same_layout") is not None:
+            lines.append(f"        the decomposed model computes channels_last; against the original "
+                         f"laid out channels_last too ({lat['before_same_layout_ms']:.2f} ms) it is "
+                         f"{_speed(lat['speedup_same_layout'])}: that part is decoupling's")
     if r.output:
         lines.append(f"wrote   {r.output}")
     return "\n".join(lines)
