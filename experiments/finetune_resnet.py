@@ -59,6 +59,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is several times faster on a shared, busy CPU")
     ap.add_argument("--no-control", action="store_true")
+    ap.add_argument("--control-only", action="store_true",
+                    help="fine-tune only the control; run it beside a --no-control run (one core "
+                         "each), then run again with neither flag to collect both from the "
+                         "finished checkpoints")
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="label-free calibration on N training images before fine-tuning "
                          "(decompose.calibrate_); 0 = none")
@@ -101,7 +105,8 @@ def main() -> None:
 
     phase("data indexed")
     # ---- estimate the cost first: a few timed steps of each model, forward passes for scoring
-    est = estimate_minutes(student, teacher, args, with_control=not args.no_control)
+    est = estimate_minutes(student, teacher, args, with_control=not args.no_control,
+                           with_student=not args.control_only)
     print(f"estimated {est:.1f} min (budget {args.budget_minutes:.0f} min)", flush=True)
     if args.estimate_only:
         return
@@ -110,6 +115,10 @@ def main() -> None:
                          "--budget-minutes")
 
     phase("estimated")
+    if args.control_only:
+        finetune_control(teacher, train, test, config=ctl, resume=Path(ctl.checkpoint).exists())
+        phase("control fine-tuned")
+        return
     resume = Path(cfg.checkpoint).exists()
     res = finetune(student, train, test, teacher=teacher, config=cfg, resume=resume,
                    output=work / "resnet56.finetuned.pt", force=not resume)
@@ -133,7 +142,8 @@ def load_resnet56() -> torch.nn.Module:
     return load_model(CHECKPOINT, arch="decompose.models.cifar_resnet:resnet56").model.eval()
 
 
-def estimate_minutes(student, teacher, args, with_control: bool) -> float:
+def estimate_minutes(student, teacher, args, with_control: bool, with_student: bool = True
+                     ) -> float:
     """Time 3 training steps (after one warm-up) of the student with the teacher's forward, and
     of the control; add forward passes for the scoring of every epoch and the baselines."""
     x = torch.randn(args.batch_size, 3, 32, 32)
@@ -169,7 +179,8 @@ def estimate_minutes(student, teacher, args, with_control: bool) -> float:
           f"{t_fwd:.2f} s original", flush=True)
     steps = -(-args.train_images // args.batch_size) * args.epochs
     evals = -(-args.test_images // args.batch_size) * (args.epochs + 1)  # per epoch + before
-    total = steps * s_step + evals * s_fwd + evals / (args.epochs + 1) * t_fwd
+    total = (steps * s_step + evals * s_fwd + evals / (args.epochs + 1) * t_fwd) if with_student \
+        else 0.0
     if with_control:
         total += steps * c_step + evals * t_fwd
     return total / 60
