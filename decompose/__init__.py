@@ -8,6 +8,7 @@ Public API::
     DecoupleConfig(rank=..., energy=..., target_macs=..., target_params=..., order=...)
     load(path) / load_model(path, arch=..., allow=..., trust=...) / save_model(model, path)
     calibrate_(model, original, batches)              # label-free refit, in place
+    compress_(model, config, calibration=batches)     # decompose_, then calibrate_, in place
     finetune(model, train_loader, val_loader, teacher=original, config=FinetuneConfig(...))
 """
 
@@ -18,6 +19,7 @@ from .errors import DecomposeError
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .io import load, load_model, save_model
 from .layers import decouple_conv, is_decoupled
+from .pipeline import compress_
 from .report import Report
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "calibrate_",
+    "compress_",
     "finalize_forms_",
     "finetune",
     "plain_forms_",

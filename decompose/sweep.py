@@ -1,21 +1,28 @@
 """Sweeps: one model decomposed at many settings, every setting measured the same way.
 
     from decompose.sweep import sweep, sweep_configs
-    configs = sweep_configs(ranks=[1, 2, 3], orders=["auto"], exclude=["conv1"])
-    result = sweep(model, configs, batches=cache_batches(loader))
+    configs = sweep_configs(ranks=[1, 2, 3], latency_targets=[0.5], orders=["auto"],
+                            exclude=["conv1"], form="auto", fold_bn=True)
+    result = sweep(model, configs, batches=cache_batches(loader),
+                   calibration=calibration_batches("train/", n_samples=512))
     print(result)              # one row per setting
     result.to_csv("sweep.csv")
 
-Each setting decomposes a fresh copy of the model and gets one row: the MACs and parameter
-ratios (whole model), the mean kernel error over the decoupled layers, top-1/top-5 on the same
-images as the original (evaluated once), the SQNR of the outputs, and the measured speed-up of
-the whole model (original and decomposed timed side by side, see :mod:`decompose.latency`).
+Each setting decomposes a fresh copy of the model (and, given calibration images, calibrates it:
+:func:`decompose.pipeline.compress_`, the same chain as ``decompose MODEL --calibrate DIR``) and
+gets one row: the MACs and parameter ratios (whole model), the mean kernel error over the
+decoupled layers (before calibration), top-1/top-5 on the same images as the original (evaluated
+once), the SQNR of the outputs, and the measured speed-up of the whole model (original and
+decomposed timed side by side, see :mod:`decompose.latency`). Settings chosen by timing
+(``target_latency``, ``form="fastest"``, ``latency_aware``) also record the planner's predicted
+latency fraction.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,23 +45,35 @@ from .measure import (
     measure_latency,
     sqnr_db,
 )
-from .progress import progress
+from .pipeline import compress_
+from .progress import is_quiet, progress
 from .report import Report
 
-RULES = {"rank": "--ranks", "energy": "--energies", "target_macs": "--targets"}
+RULES = {"rank": "--ranks", "energy": "--energies", "target_macs": "--targets",
+         "target_latency": "--latency-targets"}
+SHORT = {"rank": "T", "energy": "E", "target_macs": "MACs", "target_latency": "lat",
+         "target_params": "params"}
 COLUMNS = ["setting", "rule", "value", "order", "layers_decomposed", "macs_ratio",
            "params_ratio", "decomposed_macs_ratio", "mean_kernel_error", "top1", "top5",
-           "drop_top1", "sqnr_db", "before_ms", "after_ms", "speedup"]
+           "drop_top1", "sqnr_db", "before_ms", "after_ms", "speedup", "calibrated",
+           "calib_seconds", "predicted_latency_fraction"]
 
 
 def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
-                  targets: Iterable[float] = (), orders: Iterable[str] = ("auto",),
-                  **common: Any) -> list[DecoupleConfig]:
+                  targets: Iterable[float] = (), orders: Iterable[str] = ("auto",), *,
+                  latency_targets: Iterable[float] = (), **common: Any) -> list[DecoupleConfig]:
     """One :class:`DecoupleConfig` per (value, order): every rank, then every energy, then every
-    MACs target, each in every order. ``common``: other config fields (``include``,
-    ``exclude``, ``input_shape``). A bad value raises a one-line error naming its flag."""
+    MACs target, then every latency target (``target_latency``: the whole model timed on this
+    machine takes at most this fraction of the original's time), each in every order.
+
+    ``common``: other config fields, the same in every setting (``include``, ``exclude``,
+    ``input_shape``, ``fold_bn``, ``form``, ``latency_aware``, ``latency_batch``, ``threads``,
+    ``channels_last``, ...). A bad value raises a one-line error naming its flag."""
+    orders = list(orders)
+    DecoupleConfig(**common)  # a bad common field: its own message, not a rule's flag
     out = []
-    for rule, values in (("rank", ranks), ("energy", energies), ("target_macs", targets)):
+    for rule, values in (("rank", ranks), ("energy", energies), ("target_macs", targets),
+                         ("target_latency", latency_targets)):
         for v in values:
             for order in orders:
                 try:
@@ -62,16 +81,34 @@ def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
                 except DecomposeError as e:
                     raise DecomposeError(f"{RULES[rule]}: {e}") from None
     if not out:
-        raise DecomposeError("nothing to sweep; give --ranks, --energies and/or --targets, "
-                             "e.g. --ranks 1,2,3")
+        raise DecomposeError("nothing to sweep; give --ranks, --energies, --targets and/or "
+                             "--latency-targets, e.g. --ranks 1,2,3")
     return out
 
 
 def _label(config: DecoupleConfig) -> tuple[str, str, float]:
     rule = config.selection
     value = getattr(config, rule)
-    short = {"rank": "T", "energy": "E", "target_macs": "MACs"}[rule]
-    return f"{short}={value:g} {config.order}", rule, value
+    return f"{SHORT[rule]}={value:g} {config.order}", rule, value
+
+
+def _reusable(batches: Any, samples: int) -> Any:
+    """Calibration batches every setting can read again: a one-shot iterator (e.g.
+    :func:`decompose.data.calibration_batches`) is read once, its first ``samples`` images kept;
+    anything re-iterable (a list, a DataLoader, a tensor) is returned as it is."""
+    if batches is None or not isinstance(batches, Iterable) or iter(batches) is not batches:
+        return batches
+    kept: list[Any] = []
+    n = 0
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) and b else b
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            x = x[: samples - n]
+            n += len(x)
+        kept.append(x)
+        if n >= samples:
+            break
+    return kept
 
 
 @dataclass
@@ -120,6 +157,16 @@ def render_sweep(res: SweepResult) -> str:
              _f(r["params_ratio"], ".3f"), _f(r["mean_kernel_error"], ".4f"), _pct(r["top1"]),
              _f(r["drop_top1"], ".2f"), _f(r["sqnr_db"], ".2f"), _f(r["speedup"], ".2f")]
             for r in res.rows]
+    predicted = any(r.get("predicted_latency_fraction") is not None for r in res.rows)
+    calibrated = any(r.get("calibrated") for r in res.rows)
+    if predicted:
+        head.append("pred.lat")
+        for row, r in zip(rows, res.rows):
+            row.append(_f(r.get("predicted_latency_fraction"), ".3f"))
+    if calibrated:
+        head.append("calib s")
+        for row, r in zip(rows, res.rows):
+            row.append(_f(r.get("calib_seconds"), ".1f") if r.get("calibrated") else "no")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
@@ -131,6 +178,12 @@ def render_sweep(res: SweepResult) -> str:
     if b.get("top1") is not None:
         lines.append(f"original: top-1 {b['top1']:.2%}, top-5 {b['top5']:.2%} on "
                      f"{b['images']} images")
+    if predicted:
+        lines.append("pred.lat: the planner's predicted latency, fraction of the original's "
+                     "(timed while planning)")
+    if calibrated:
+        lines.append("calib s: seconds calibrating the setting (kern.err is before calibration; "
+                     "top-1, SQNR and speed-up after)")
     lat = res.latency
     if lat:
         lines.append(f"speed-up: original ms / decomposed ms, whole model, batch "
@@ -159,6 +212,8 @@ def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
           batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
           meta: dict | None = None, latency: bool = True, latency_batch: int = 1,
           repeats: int = 20, threads: int | None = None, error_images: int = 256,
+          calibration: Iterable[Any] | None = None, calib_samples: int = 512,
+          refit_depthwise: bool = True, timer: Any = None, latency_fn: Any = None,
           quiet: bool | None = None) -> SweepResult:
     """Decompose a copy of ``model`` with every config and measure each (``model`` is unchanged).
 
@@ -171,18 +226,36 @@ def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
         latency: time every setting against the original (whole model). Default True.
         latency_batch, repeats, threads: as in :func:`decompose.measure.measure_latency`.
         error_images: images for the output SQNR. Default 256.
+        calibration: unlabeled input batches; each decoupled setting is then calibrated against
+            ``model`` (:func:`decompose.pipeline.compress_`) before it is measured. A one-shot
+            iterator is read once (at most ``calib_samples`` images kept in memory) and reused
+            for every setting. None: no calibration.
+        calib_samples, refit_depthwise: as in :func:`decompose.pipeline.compress_`.
+        timer, latency_fn: the planner's clock for timed settings, as in
+            :func:`decompose.plan` (tests).
+        quiet: silence progress bars (None: as :func:`decompose.progress.quiet_progress` says).
     """
     if not configs:
         raise DecomposeError("nothing to sweep; give at least one setting")
+    calibration = _reusable(calibration, calib_samples)
     with eval_mode(model):
         return _sweep(model, configs, batches=batches, meta=meta, latency=latency,
                       latency_batch=latency_batch, repeats=repeats, threads=threads,
-                      error_images=error_images, quiet=quiet)
+                      error_images=error_images, calibration=calibration,
+                      calib_samples=calib_samples, refit_depthwise=refit_depthwise,
+                      timer=timer, latency_fn=latency_fn, quiet=quiet)
+
+
+def _untimed(config: DecoupleConfig) -> DecoupleConfig:
+    """The same layers and input shape, without any timing (the baseline needs no plan)."""
+    return dataclasses.replace(config, rank=1, energy=None, target_macs=None, target_params=None,
+                               target_latency=None, form="plain", latency_aware=False)
 
 
 def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, threads,
-           error_images, quiet) -> SweepResult:
-    first = api.plan(model, configs[0], meta=meta)
+           error_images, calibration, calib_samples, refit_depthwise, timer, latency_fn,
+           quiet) -> SweepResult:
+    first = api.plan(model, _untimed(configs[0]), meta=meta)
     shape = first.input_shape
     baseline: dict[str, Any] = {"macs": first.totals["macs_before"],
                                 "params": first.totals["params_before"]}
@@ -205,9 +278,17 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
     for config in progress(configs, desc="sweep", unit="setting", quiet=quiet):
         label, rule, value = _label(config)
         new = copy.deepcopy(model)
-        report: Report = api.decompose_(new, config, meta=meta)
+        try:
+            report: Report = compress_(new, config, calibration=calibration,
+                                       calib_samples=calib_samples,
+                                       refit_depthwise=refit_depthwise, original=model,
+                                       meta=meta, progress=not is_quiet(quiet), timer=timer,
+                                       latency_fn=latency_fn)
+        except DecomposeError as e:
+            raise DecomposeError(f"setting {label}: {e}") from None
         t = report.totals
         done = report.decomposed
+        cal = report.extra.get("calibration")
         row: dict[str, Any] = {
             "setting": label, "rule": rule, "value": value, "order": config.order,
             "layers_decomposed": t["layers_decomposed"],
@@ -217,12 +298,20 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
             "mean_kernel_error": (sum(lp.kernel_error for lp in done) / len(done)) if done else None,
             "top1": None, "top5": None, "drop_top1": None, "sqnr_db": None,
             "before_ms": None, "after_ms": None, "speedup": None,
+            "calibrated": cal is not None,
+            "calib_seconds": cal["seconds"] if cal is not None else None,
+            "predicted_latency_fraction":
+                report.extra.get("latency_plan", {}).get("predicted_fraction"),
             "ranks": {lp.name: [lp.order, lp.rank] for lp in done},
+            "forms": {lp.name: lp.extra.get("form", "plain") for lp in done},
+            "folded_bn": len(report.extra.get("folded_bn", [])),
         }
         if not done:  # the same model as the original: nothing to measure
             if before is not None:
                 row.update(top1=before["top1"], top5=before["top5"], drop_top1=0.0)
-            row["note"] = "no layer decoupled (no rank is cheaper than the original)"
+            row["note"] = ("no layer decoupled (none was faster than the original when timed)"
+                           if config.timed else
+                           "no layer decoupled (no rank is cheaper than the original)")
         else:
             if before is not None:
                 after = evaluate_model(new, batches, desc=f"eval {label}", quiet=quiet)

@@ -104,3 +104,123 @@ def test_cli_sweep_bad_flags_are_one_line(tmp_path, args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0], r.stderr
     assert "Traceback" not in r.output
+
+
+# ------------------------------------------- latency targets, calibration, common config flags
+
+
+def _fake_latency(name, label, module, x):
+    """The model 100 ms, an original layer 10 ms, a decoupled one 3+T ms (any order or form)."""
+    if label == "model":
+        return 100.0
+    if label == "original":
+        return 10.0
+    return 3.0 + int(label.split("/")[1][1:])
+
+
+def test_latency_targets_rule_and_its_predicted_fraction():
+    cfgs = sweep_configs(ranks=[1], latency_targets=[0.9], orders=["auto"], form="fastest")
+    assert [(c.selection, c.target_latency, c.form) for c in cfgs] == [
+        ("rank", None, "fastest"), ("target_latency", 0.9, "fastest")]
+    res = sweep(tiny_classifier(), cfgs, latency=False, latency_fn=_fake_latency, quiet=True)
+    r1, lat = res.rows
+    assert lat["setting"] == "lat=0.9 auto" and lat["rule"] == "target_latency"
+    assert lat["value"] == 0.9 and lat["layers_decomposed"] == 2
+    plan = decompose.plan(tiny_classifier(), target_latency=0.9, form="fastest",
+                          latency_fn=_fake_latency)
+    frac = plan.extra["latency_plan"]["predicted_fraction"]
+    assert lat["predicted_latency_fraction"] == pytest.approx(frac) and frac <= 0.9 + 1e-12
+    assert {k: tuple(v) for k, v in lat["ranks"].items()} == {
+        lp.name: (lp.order, lp.rank) for lp in plan.decomposed}
+    assert r1["rule"] == "rank" and r1["predicted_latency_fraction"] is None  # no budget
+    table = str(res)
+    assert "lat=0.9 auto" in table and "pred.lat" in table
+
+
+def test_unreachable_latency_target_names_its_setting():
+    cfgs = sweep_configs(latency_targets=[0.5])  # best: 80 + 2 x 4 ms = 88% of 100
+    with pytest.raises(DecomposeError, match=r"^setting lat=0.5 auto: .*cannot be met"):
+        sweep(tiny_classifier(), cfgs, latency=False, latency_fn=_fake_latency, quiet=True)
+
+
+def test_calibrated_rows_raise_the_output_sqnr():
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(32, 3, 8, 8, generator=g) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g))]
+    cfgs = sweep_configs(ranks=[1, 2], orders=["pw-dw"])
+    plain = sweep(tiny_classifier(), cfgs, batches=batches, latency=False, quiet=True)
+    model = tiny_classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal = sweep(model, cfgs, batches=batches, latency=False, quiet=True,
+                calibration=iter(calib), calib_samples=48)  # one-shot: read once, used twice
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for p, c in zip(plain.rows, cal.rows):
+        assert not p["calibrated"] and p["calib_seconds"] is None
+        assert c["calibrated"] and c["calib_seconds"] > 0
+        assert c["sqnr_db"] > p["sqnr_db"] + 1.0  # ~11-12 dB -> ~18-20 dB here
+        assert c["mean_kernel_error"] == p["mean_kernel_error"]  # the plan's, before calibrating
+    assert "calib s" in str(cal) and "calib s" not in str(plain)
+
+
+def test_cli_flags_reach_every_config(tmp_path, monkeypatch):
+    import decompose.sweep as sweep_mod
+    seen = {}
+
+    def fake_sweep(model, configs, **kw):
+        seen["configs"], seen["kw"] = configs, kw
+        return sweep_mod.SweepResult([], {})
+    monkeypatch.setattr(sweep_mod, "sweep", fake_sweep)
+    model = save_classifier(tmp_path / "m.pt")
+    npz = tmp_path / "calib.npz"
+    import numpy as np
+    np.savez(npz, x=np.random.default_rng(0).random((10, 3, 8, 8), dtype=np.float32))
+    r = CliRunner().invoke(cli, [
+        "sweep", str(model), "--ranks", "1", "--latency-targets", "0.5,0.7", "--fold-bn",
+        "--form", "dw1", "--latency-aware", "--plan-batch", "4", "--plan-threads", "1",
+        "--channels-last", "--exclude", "conv1", "--calibrate", str(npz), "--calib-samples",
+        "6", "--calib-method", "last", "--json", *FAST])
+    assert r.exit_code == 0, r.output
+    cfgs = seen["configs"]
+    assert [(c.selection, getattr(c, c.selection)) for c in cfgs] == [
+        ("rank", 1), ("target_latency", 0.5), ("target_latency", 0.7)]
+    for c in cfgs:
+        assert (c.fold_bn, c.form, c.latency_aware, c.latency_batch, c.threads,
+                c.channels_last, c.exclude) == (True, "dw1", True, 4, 1, True, ("conv1",))
+    kw = seen["kw"]
+    assert kw["calib_samples"] == 6 and kw["refit_depthwise"] is False
+    assert sum(len(x) for x in kw["calibration"]) == 6  # the --calibrate images
+
+
+def test_fold_bn_and_form_rows():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                                torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                                torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    cfgs = sweep_configs(ranks=[2], orders=["dw-pw"], fold_bn=True, form="dw1",
+                         input_shape=(3, 8, 8))
+    (row,) = sweep(model, cfgs, batches=_batches(), latency=False, quiet=True).rows
+    assert row["folded_bn"] == 2 and set(row["forms"].values()) == {"dw1"}
+    assert row["sqnr_db"] is not None
+    (row,) = sweep(model, sweep_configs(ranks=[2], input_shape=(3, 8, 8)), latency=False,
+                   quiet=True).rows
+    assert row["folded_bn"] == 0 and set(row["forms"].values()) == {"plain"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--latency-targets", "1.5"], "--latency-targets"),
+    (["--latency-targets", "0.5,x"], "--latency-targets must be comma-separated numbers"),
+    (["--ranks", "1", "--plan-batch", "0"], "--plan-batch"),
+    (["--ranks", "1", "--plan-threads", "0"], "--plan-threads"),
+    (["--ranks", "1", "--form", "dense"], "--form"),
+    (["--ranks", "1", "--calibrate", "nope/", "--calib-samples", "0"], "--calib-samples"),
+    (["--ranks", "1", "--calibrate", "does-not-exist"], "does-not-exist"),
+])
+def test_cli_sweep_new_flags_bad_values_are_one_line(tmp_path, args, needle):
+    model = save_classifier(tmp_path / "m.pt")
+    r = CliRunner().invoke(cli, ["sweep", str(model), *args, *FAST])
+    assert r.exit_code != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.output

@@ -1,5 +1,6 @@
 """Options shared by the commands that measure: data (--data, preprocessing, --limit), latency
-(--latency, --latency-batch, --threads, --repeats) and list flags (--ranks 1,2,3).
+(--latency, --latency-batch, --threads, --repeats), calibration (--calibrate, --calib-samples,
+--calib-method) and list flags (--ranks 1,2,3).
 
 Parsing only: the measuring itself is :mod:`decompose.measure` and :mod:`decompose.sweep`.
 """
@@ -15,6 +16,7 @@ from ..errors import DecomposeError
 
 DATA_KEYS = ["data", "limit", "seed", "batch_size", "resize", "crop", "mean", "std", "grayscale"]
 LATENCY_KEYS = ["latency", "latency_batch", "threads", "repeats"]
+CALIB_KEYS = ["calib_dir", "calib_samples", "calib_method"]
 
 
 def parse_list(text: str | None, flag: str, kind: type, example: str) -> list[Any]:
@@ -94,6 +96,38 @@ def latency_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def calibration_options(f: Callable) -> Callable:
+    """--calibrate DIR, --calib-samples N, --calib-method joint|last."""
+    opts = [
+        click.option("--calibrate", "calib_dir", type=click.Path(), metavar="DIR",
+                     help="Refit the decoupled layers without labels to the original's layer "
+                          "outputs on images from DIR (folder or .npz; labels ignored), same "
+                          "preprocessing flags as --data."),
+        click.option("--calib-samples", type=int, default=512, show_default=True, metavar="N",
+                     help="Calibration images (a seeded random subset)."),
+        click.option("--calib-method", type=click.Choice(["joint", "last"]), default="joint",
+                     show_default=True,
+                     help="joint: refit both convs of each layer (alternating least squares); "
+                          "last: only the conv that produces the output."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def calibration_batches_from(calib: dict[str, Any], data_opts: dict[str, Any]):
+    """The --calibrate images (opened now, so a bad folder fails before any work), or None.
+
+    A one-shot iterator over at most --calib-samples images (decoded as they are read)."""
+    if not calib["calib_dir"]:
+        return None
+    if calib["calib_samples"] < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--calib-samples")
+    from ..data import calibration_batches
+    return calibration_batches(calib["calib_dir"], n_samples=calib["calib_samples"],
+                               seed=data_opts["seed"], **preprocessing(data_opts))
 
 
 def preprocessing(opts: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import click
 from .. import api
 from ..io import check_writable, default_output, load_model, save_model
 from ..metrics import infer_input_shape
+from ..pipeline import compress_
 from ..progress import quiet_progress
 from ._common import (
     RANK_KEYS,
@@ -22,18 +23,31 @@ from ._common import (
     pop_keys,
     rank_options,
 )
-from ._measure import DATA_KEYS, LATENCY_KEYS, data_options, latency_options, make_loader_from
+from ._measure import (
+    CALIB_KEYS,
+    DATA_KEYS,
+    LATENCY_KEYS,
+    calibration_batches_from,
+    calibration_options,
+    data_options,
+    latency_options,
+    make_loader_from,
+)
 
 
 def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False, output=None,
                    force=False, quiet=False, write=True, data_shape=None,
-                   before_save: Callable | None = None):
-    """Load, plan, (decouple, measure, save). Returns (report, loaded, output path or None).
+                   before_save: Callable | None = None, calibration=None,
+                   calib_samples: int = 512, refit_depthwise: bool = True):
+    """Load, plan, (decouple, calibrate, measure, save). Returns (report, loaded, output path or
+    None).
 
     ``data_shape``: one sample's shape from --data, used to count multiply-adds when neither
-    --input-shape nor the model says its input shape. ``before_save(report, original,
-    decomposed)`` runs after decoupling and before saving (so a data problem leaves no file
-    behind), with an untouched copy of the model as ``original``.
+    --input-shape nor the model says its input shape. ``calibration``, ``calib_samples``,
+    ``refit_depthwise``: as in :func:`decompose.pipeline.compress_` (which decouples and
+    calibrates). ``before_save(report, original, decomposed)`` runs after that and before saving
+    (so a data problem leaves no file behind), with an untouched copy of the model as
+    ``original``.
     """
     out = Path(output) if output else default_output(model_path)
     if write:
@@ -47,8 +61,13 @@ def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False,
             config = dataclasses.replace(config, input_shape=tuple(data_shape))
     if not write:
         return api.plan(model, config, meta=loaded.meta), loaded, None
-    original = copy.deepcopy(model) if before_save is not None else None
-    report = api.decompose_(model, config, meta=loaded.meta)
+    keep = before_save is not None or calibration is not None
+    original = copy.deepcopy(model) if keep else None
+    if calibration is not None:
+        log(f"decoupling, then calibrating on {calib_samples} images ...", quiet)
+    report = compress_(model, config, calibration=calibration, calib_samples=calib_samples,
+                       refit_depthwise=refit_depthwise, original=original, meta=loaded.meta,
+                       progress=not quiet)
     if not report.decomposed:
         return report, loaded, None
     if before_save is not None:
@@ -82,15 +101,7 @@ def _nothing_to_do(report, model_path: str) -> None:
 @model_options
 @data_options()
 @latency_options
-@click.option("--calibrate", "calib_dir", type=click.Path(), metavar="DIR",
-              help="Refit the decoupled layers without labels to the original's layer outputs "
-                   "on images from DIR (folder or .npz; labels ignored), same preprocessing "
-                   "flags as --data.")
-@click.option("--calib-samples", type=int, default=512, show_default=True, metavar="N",
-              help="Calibration images (a seeded random subset).")
-@click.option("--calib-method", type=click.Choice(["joint", "last"]), default="joint",
-              show_default=True, help="joint: refit both convs of each layer (alternating least "
-                                      "squares); last: only the conv that produces the output.")
+@calibration_options
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write PNG figures to DIR: singular-value energy and kernel error vs rank "
                    "per layer (needs matplotlib).")
@@ -114,7 +125,7 @@ def run_cmd(model: str, **opts) -> None:
       decompose resnet20.th --arch decompose.models.cifar_resnet:resnet20 --rank 2 \\
           --exclude conv1 --data cifar10/test --limit 2000 --plot figures/
       decompose model.pt --target-macs 0.4 --exclude conv1 -o small.pt --no-latency
-      decompose resnet56.th --arch decompose.models.cifar_resnet:resnet56 --rank 3 \
+      decompose resnet56.th --arch decompose.models.cifar_resnet:resnet56 --rank 3 \\
           --exclude conv1 --calibrate cifar10/train --calib-samples 512 --data cifar10/test
     """
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
@@ -131,19 +142,10 @@ def run_cmd(model: str, **opts) -> None:
             batches = cache_batches(loader)
             data_shape = tuple(batches[0][0].shape[1:]) if batches else None
         kept = {}
-        calib = _calibration_batches(opts, data_opts)
+        calib_opts = pop_keys(opts, CALIB_KEYS)
+        calib = calibration_batches_from(calib_opts, data_opts)
 
         def before_save(report, original, decomposed):
-            if calib is not None:
-                from ..calibrate import calibrate_
-                log(f"calibrating on {opts['calib_samples']} images from {opts['calib_dir']} ...",
-                    quiet)
-                api.plain_forms_(decomposed)  # calibration fits the plain form ...
-                cal = calibrate_(decomposed, original, calib, samples=opts["calib_samples"],
-                                 refit_depthwise=opts["calib_method"] == "joint",
-                                 progress=not quiet)
-                report.extra["calibration"] = cal.to_dict()
-                api.finalize_forms_(decomposed, report)  # ... then the chosen forms (exact)
             if batches is not None or lat["latency"]:
                 from ..measure import measure
                 measure(report, original, decomposed, batches=batches, latency=lat["latency"],
@@ -151,11 +153,13 @@ def run_cmd(model: str, **opts) -> None:
                         threads=lat["threads"])
             kept["original"] = original
 
-        needed = batches is not None or lat["latency"] or opts["plot_dir"] or calib is not None
+        needed = batches is not None or lat["latency"] or opts["plot_dir"]
         report, _, out = decompose_file(
             model, config, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
             output=opts["output"], force=opts["force"], quiet=quiet, data_shape=data_shape,
-            before_save=before_save if needed else None)
+            before_save=before_save if needed else None, calibration=calib,
+            calib_samples=calib_opts["calib_samples"],
+            refit_depthwise=calib_opts["calib_method"] == "joint")
         if out is None:
             _nothing_to_do(report, model)
         if opts["plot_dir"]:
@@ -164,18 +168,6 @@ def run_cmd(model: str, **opts) -> None:
                 log(f"wrote {path}", quiet)
     emit(report, opts["as_json"])
     log(f"wrote {out}", quiet)
-
-
-def _calibration_batches(opts: dict, data_opts: dict):
-    """The --calibrate images (opened now, so a bad folder fails before any work), or None."""
-    if not opts["calib_dir"]:
-        return None
-    if opts["calib_samples"] < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--calib-samples")
-    from ..data import calibration_batches
-    from ._measure import preprocessing
-    return calibration_batches(opts["calib_dir"], n_samples=opts["calib_samples"],
-                               seed=data_opts["seed"], **preprocessing(data_opts))
 
 
 @click.command("report")

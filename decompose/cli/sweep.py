@@ -8,8 +8,12 @@ from ..io import load_model
 from ..progress import quiet_progress
 from ._common import emit, log, model_options, parse_shape, pop_keys
 from ._measure import (
+    CALIB_KEYS,
     DATA_KEYS,
     LATENCY_KEYS,
+    _positive,
+    calibration_batches_from,
+    calibration_options,
     data_options,
     latency_options,
     make_loader_from,
@@ -35,6 +39,9 @@ def _orders(text: str) -> list[str]:
 @click.option("--energies", metavar="E,E,...", help="Kept-energy fractions to try, e.g. 0.5,0.8.")
 @click.option("--targets", metavar="F,F,...",
               help="Global MACs budgets (fraction of the decomposable layers' MACs), e.g. 0.3,0.5.")
+@click.option("--latency-targets", metavar="F,F,...",
+              help="Latency budgets: the whole model, timed here at --plan-batch, takes at most "
+                   "fraction F (0<F<1) of the original's time, e.g. 0.5,0.7 (docs/speed.md).")
 @click.option("--orders", default="auto", show_default=True, metavar="O,O,...",
               help="Orders to try each setting in: auto, dw-pw, pw-dw (comma-separated).")
 @click.option("--include", multiple=True, metavar="GLOB",
@@ -43,9 +50,28 @@ def _orders(text: str) -> list[str]:
               help="Leave convs whose name matches alone (repeatable), e.g. conv1.")
 @click.option("--input-shape", metavar="C,H,W",
               help="One input sample's shape. Default: the model's, else the data's.")
+@click.option("--fold-bn", is_flag=True,
+              help="Every setting: fold each BatchNorm that only reads a conv's output into that "
+                   "conv before decoupling.")
+@click.option("--form", type=click.Choice(["plain", "dw1", "auto", "fastest"]), default="plain",
+              show_default=True,
+              help="Every setting: how decoupled layers are built: plain, dw1 (channel "
+                   "multiplier 1), auto (cost-model rule) or fastest (timed).")
+@click.option("--latency-aware", is_flag=True,
+              help="Every setting: time each decoupled layer against its original and keep the "
+                   "original where it is not 1.05x faster.")
+@click.option("--plan-batch", type=int, default=1, show_default=True, callback=_positive,
+              metavar="N", help="Batch size at which the planner times layers (--latency-targets, "
+                                "--latency-aware, --form fastest).")
+@click.option("--plan-threads", type=int, callback=_positive, metavar="N",
+              help="Torch threads while the planner times. Default: as set.")
+@click.option("--channels-last", is_flag=True,
+              help="Every setting: lay the weights out channels_last before planning and keep "
+                   "the decoupled model so (docs/layouts.md).")
 @model_options
 @data_options()
 @latency_options
+@calibration_options
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write the rows to FILE as CSV.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
@@ -55,9 +81,16 @@ def _orders(text: str) -> list[str]:
 def sweep_cmd(model: str, **opts) -> None:
     """Decompose MODEL at several settings and measure each: one row per setting.
 
+    Settings: every value of --ranks, --energies, --targets and --latency-targets, each in
+    every one of --orders; the other decoupling flags (--fold-bn, --form, --latency-aware,
+    --plan-batch, --plan-threads, --channels-last, --include, --exclude) apply to all of them.
+    With --calibrate every setting is also calibrated (as 'decompose MODEL --calibrate DIR';
+    the images are read once) before it is measured.
+
     Each row: MACs and params ratio (whole model), mean kernel error, top-1 and its drop on
     --data (the original is evaluated once, on the same images), SQNR of the outputs, and the
-    measured speed-up of the whole model. Nothing is written but --csv and --plot.
+    measured speed-up of the whole model; timed settings add the planner's predicted latency
+    fraction, calibrated ones the calibration time. Nothing is written but --csv and --plot.
 
     \b
     Examples:
@@ -65,22 +98,36 @@ def sweep_cmd(model: str, **opts) -> None:
       decompose sweep resnet20.th --arch decompose.models.cifar_resnet:resnet20 \\
           --ranks 1,2,3 --orders dw-pw,pw-dw --exclude conv1 --data cifar10/test --limit 2000
       decompose sweep model.pt --energies 0.5,0.8 --targets 0.3,0.5 --data imgs/ --csv s.csv
+      decompose sweep model.pt --latency-targets 0.5,0.7 --form fastest --plan-batch 8
+      decompose sweep resnet56.th --arch decompose.models.cifar_resnet:resnet56 \\
+          --ranks 2,3 --exclude conv1 --fold-bn --form auto --calibrate cifar10/train \\
+          --calib-samples 512 --data cifar10/test --limit 2000
     """
     from ..metrics import infer_input_shape
     from ..sweep import sweep, sweep_configs
     data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
+    calib_opts = pop_keys(opts, CALIB_KEYS)
     quiet = opts["quiet"]
     ranks = parse_list(opts["ranks"], "--ranks", int, "1,2,3")
     energies = parse_list(opts["energies"], "--energies", float, "0.5,0.8")
     targets = parse_list(opts["targets"], "--targets", float, "0.3,0.5")
+    latency_targets = parse_list(opts["latency_targets"], "--latency-targets", float, "0.5,0.7")
     orders = _orders(opts["orders"])
     shape = parse_shape(opts["input_shape"])
-    common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]))
-    sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)  # validate
+    common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]),
+                  fold_bn=opts["fold_bn"], form=opts["form"],
+                  latency_aware=opts["latency_aware"], latency_batch=opts["plan_batch"],
+                  threads=opts["plan_threads"])
+    if opts["channels_last"]:  # only when asked: configs stay as they were without it
+        common["channels_last"] = True
+    rules = dict(latency_targets=latency_targets)
+    sweep_configs(ranks, energies, targets, orders, input_shape=shape, **rules,
+                  **common)  # validate
     if opts["plot_dir"]:
         from ..plots import require_matplotlib
         require_matplotlib()
     with quiet_progress(quiet):
+        calib = calibration_batches_from(calib_opts, data_opts)  # a bad folder fails now
         loader = make_loader_from(data_opts)
         loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"])
         log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
@@ -92,11 +139,16 @@ def sweep_cmd(model: str, **opts) -> None:
                 _, source = infer_input_shape(loaded.model, None, loaded.meta)
                 if source == "default":
                     shape = tuple(batches[0][0].shape[1:])
-        configs = sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)
-        log(f"{len(configs)} settings", quiet)
+        configs = sweep_configs(ranks, energies, targets, orders, input_shape=shape, **rules,
+                                **common)
+        log(f"{len(configs)} settings" + (f", each calibrated on {calib_opts['calib_samples']} "
+                                          f"images from {calib_opts['calib_dir']}"
+                                          if calib is not None else ""), quiet)
         result = sweep(loaded.model, configs, batches=batches, meta=loaded.meta,
                        latency=lat["latency"], latency_batch=lat["latency_batch"],
-                       repeats=lat["repeats"], threads=lat["threads"])
+                       repeats=lat["repeats"], threads=lat["threads"], calibration=calib,
+                       calib_samples=calib_opts["calib_samples"],
+                       refit_depthwise=calib_opts["calib_method"] == "joint")
     if opts["csv_path"]:
         log(f"wrote {result.to_csv(opts['csv_path'])}", quiet)
     if opts["plot_dir"]:

@@ -1,0 +1,72 @@
+"""One call from a trained model to its decoupled (and optionally calibrated) form.
+
+    import decompose
+    from decompose.data import calibration_batches
+    original = copy.deepcopy(model)                      # only if you want to measure it later
+    report = decompose.compress_(model, decompose.DecoupleConfig(rank=2, form="auto"),
+                                 calibration=calibration_batches("train/", n_samples=512),
+                                 original=original)
+    report.extra["calibration"]                         # what the refit did, per layer
+
+The command line (``decompose MODEL ... --calibrate DIR``, ``decompose sweep ... --calibrate
+DIR``) and scripts share this function, so both run the same chain: decouple, put the layers in
+the plain form, refit them to the original's outputs, then convert them to the forms the plan
+chose.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from . import api
+from .config import DecoupleConfig
+from .report import Report
+
+
+def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
+              calibration: Iterable[Any] | None = None, calib_samples: int = 512,
+              refit_depthwise: bool = True, original: nn.Module | None = None,
+              meta: dict | None = None, progress: bool = True, timer: Any = None,
+              latency_fn: Any = None) -> Report:
+    """Decouple ``model`` in place with ``config`` and, given calibration images, refit the
+    decoupled layers to the original's layer outputs (no labels); return the report.
+
+    Without ``calibration`` this is :func:`decompose.decompose_`. With it, and when at least
+    one layer was decoupled: :func:`decompose.plain_forms_`, :func:`decompose.calibrate_`
+    against the original, ``report.extra["calibration"]`` set to the calibration report's
+    dict, then :func:`decompose.finalize_forms_` (the forms the plan chose, exactly).
+
+    Args:
+        model: changed in place.
+        config: as for :func:`decompose.decompose_` (default: rank 1).
+        calibration: unlabeled input batches (tensors or ``(inputs, labels)`` pairs), e.g.
+            :func:`decompose.data.calibration_batches`; None skips calibration.
+        calib_samples: use at most this many images. Default 512.
+        refit_depthwise: True fits both convs of each layer (``--calib-method joint``); False
+            only the conv that produces the output (``last``). Default True.
+        original: the untouched model ``model`` was before this call, to calibrate against.
+            Default: a deep copy taken before decoupling, when calibrating (pass your own copy
+            when you also need it afterwards, e.g. to measure the speed-up).
+        meta: what the model's file recorded (for the input shape).
+        progress: show the calibration progress bar on stderr. Default True.
+        timer, latency_fn: the planner's clock, as in :func:`decompose.plan` (tests).
+    """
+    if calibration is not None and original is None:
+        original = copy.deepcopy(model)
+    report = api.decompose_(model, config, meta=meta, timer=timer, latency_fn=latency_fn)
+    if calibration is None or not report.decomposed:
+        return report
+    from .calibrate import calibrate_
+    api.plain_forms_(model)  # calibration fits the plain form ...
+    cal = calibrate_(model, original, calibration, samples=calib_samples,
+                     refit_depthwise=refit_depthwise, progress=progress)
+    report.extra["calibration"] = cal.to_dict()
+    api.finalize_forms_(model, report)  # ... then the chosen forms (exact)
+    return report
+
+
+__all__ = ["compress_"]
