@@ -55,7 +55,8 @@ SHORT = {"rank": "T", "energy": "E", "target_macs": "MACs", "target_latency": "l
          "target_params": "params"}
 COLUMNS = ["setting", "rule", "value", "order", "layers_decomposed", "macs_ratio",
            "params_ratio", "decomposed_macs_ratio", "mean_kernel_error", "top1", "top5",
-           "drop_top1", "sqnr_db", "before_ms", "after_ms", "speedup", "calibrated",
+           "drop_top1", "sqnr_db", "before_ms", "after_ms", "speedup", "speedup_same_layout",
+           "calibrated",
            "calib_seconds", "predicted_latency_fraction"]
 
 
@@ -297,7 +298,7 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
             "decomposed_macs_ratio": t["decomposed_macs_ratio"] if done else None,
             "mean_kernel_error": (sum(lp.kernel_error for lp in done) / len(done)) if done else None,
             "top1": None, "top5": None, "drop_top1": None, "sqnr_db": None,
-            "before_ms": None, "after_ms": None, "speedup": None,
+            "before_ms": None, "after_ms": None, "speedup": None, "speedup_same_layout": None,
             "calibrated": cal is not None,
             "calib_seconds": cal["seconds"] if cal is not None else None,
             "predicted_latency_fraction":
@@ -322,7 +323,8 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
                 lat = measure_latency(model, new, report.layers, x_lat, repeats=repeats,
                                       threads=threads, per_layer=False, quiet=True)
                 row.update(before_ms=lat["before_ms"], after_ms=lat["after_ms"],
-                           speedup=lat["speedup"])
+                           speedup=lat["speedup"],
+                           speedup_same_layout=lat.get("speedup_same_layout"))
                 lat_info = {k: lat[k] for k in ("batch_size", "threads", "repeats", "warmup")}
                 lat_info["input"] = kind
         rows.append(row)
