@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .config import DecoupleConfig
+from .errors import DecomposeError
 from .fast import fast_form, is_channels_last, to_channels_last_, to_plain
 from .fold import fold_batchnorm_
 from .layers import decouple_conv, decoupled_form, is_decoupled
@@ -37,7 +38,8 @@ def _resolve(config: DecoupleConfig | None, kwargs: dict[str, Any]) -> DecoupleC
 
 def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
          filter_fn: FilterFn | None = None, meta: dict | None = None,
-         timer: Any = None, latency_fn: Any = None, **kwargs: Any) -> Report:
+         timer: Any = None, latency_fn: Any = None, error_curves: dict | None = None,
+         **kwargs: Any) -> Report:
     """What :func:`decompose_` would do, as a report; the model is not changed.
 
     Args:
@@ -50,8 +52,15 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
             ``target_latency``); default :func:`time.perf_counter`. For deterministic tests.
         latency_fn: ``latency_fn(layer, label, module, x) -> ms`` replaces those timings
             (see :mod:`decompose.latency_plan`).
+        error_curves: measured output errors for ``allocation="output"``
+            (:func:`decompose.sensitivity.output_error_curves` on this model, BatchNorms
+            folded first when ``fold_bn``); :func:`decompose.compress_` measures them for you.
     """
     config = _resolve(config, kwargs)
+    if config.allocation == "output" and error_curves is None:
+        raise DecomposeError("allocation 'output' needs calibration images: pass --calibrate DIR "
+                             "(Python: compress_(..., calibration=...), or plan/decompose_ with "
+                             "error_curves=output_error_curves(model, batches))")
     if config.fold_bn or (config.channels_last and config.timed and not is_channels_last(model)):
         import copy  # plan what decompose_ would do: on a folded / channels_last copy
         model = copy.deepcopy(model)
@@ -64,7 +73,8 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
     if config.timed:
         from .latency_plan import LayerTimer
         timing = LayerTimer(model, config, shape, timer=timer, latency_fn=latency_fn)
-    layers = make_plan(model, config, shape, filter_fn, shapes, timing=timing)
+    layers = make_plan(model, config, shape, filter_fn, shapes, timing=timing,
+                       error_curves=error_curves)
     macs_before = macs_from_trace(model, shapes)
     params = param_count(model)
     saved = sum(lp.params_before - lp.params_after for lp in layers if lp.skipped is None)
@@ -126,7 +136,8 @@ def plain_forms_(model: nn.Module) -> int:
 
 def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
                filter_fn: FilterFn | None = None, meta: dict | None = None,
-               timer: Any = None, latency_fn: Any = None, **kwargs: Any) -> Report:
+               timer: Any = None, latency_fn: Any = None, error_curves: dict | None = None,
+               **kwargs: Any) -> Report:
     """Decouple the convolutions of ``model`` in place and return the report.
 
     Each selected conv becomes ``nn.Sequential(conv_dw, conv_pw)`` (or ``conv_pw, conv_dw`` for
@@ -149,7 +160,7 @@ def decompose_(model: nn.Module, config: DecoupleConfig | None = None, *,
         to_channels_last_(model)  # before planning: the planner times in the model's layout
     folded = fold_batchnorm_(model) if config.fold_bn else None
     report = plan(model, dataclasses.replace(config, fold_bn=False), filter_fn=filter_fn, meta=meta,
-                  timer=timer, latency_fn=latency_fn)
+                  timer=timer, latency_fn=latency_fn, error_curves=error_curves)
     report.config = config.to_dict()
     if folded is not None:
         report.extra["folded_bn"] = [list(p) for p in folded]

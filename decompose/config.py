@@ -15,6 +15,8 @@ from .errors import DecomposeError
 ORDERS = ("auto", "dw-pw", "pw-dw")
 FORMS = ("plain", "dw1", "auto", "fastest")
 RULES = ("rank", "energy", "target_macs", "target_params", "target_latency")
+BUDGETS = ("target_macs", "target_params", "target_latency")
+ALLOCATIONS = ("kernel", "output")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class DecoupleConfig:
         threads: torch threads while the planner times (default: as set).
         latency_margin: a decoupled layer must be at least this many times faster than the
             original to be kept by a timing planner (default 1.05: timing noise).
+        allocation: what the budgets (``target_macs``, ``target_params``, ``target_latency``)
+            minimise: ``"kernel"`` (summed squared relative kernel errors, no data; default) or
+            ``"output"`` (summed squared relative *output* errors measured on calibration
+            images, :mod:`decompose.sensitivity`; needs them: ``compress_(...,
+            calibration=...)`` or ``--calibrate DIR``).
         channels_last: lay the model's 4-D (5-D) weights out channels_last (channels_last_3d)
             before planning, and keep the decoupled model so: PyTorch then runs every conv in
             that layout even on a contiguous NCHW input, which is what makes depthwise convs
@@ -83,6 +90,7 @@ class DecoupleConfig:
     threads: int | None = None
     latency_margin: float = 1.05
     channels_last: bool = False
+    allocation: str = "kernel"
 
     def __post_init__(self) -> None:
         chosen = [n for n in RULES if getattr(self, n) is not None]
@@ -118,6 +126,12 @@ class DecoupleConfig:
         m = self.latency_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not (1 <= m < 10):
             raise DecomposeError(f"latency_margin must be a number in [1, 10), got {m!r}; try 1.05")
+        if self.allocation not in ALLOCATIONS:
+            raise DecomposeError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got "
+                                 f"{self.allocation!r}; try --allocate output")
+        if self.allocation == "output" and self.selection not in BUDGETS:
+            raise DecomposeError("allocation 'output' spreads a budget: use it with "
+                                 "--target-macs, --target-params or --target-latency")
         if not isinstance(self.channels_last, bool):
             raise DecomposeError(f"channels_last must be True or False, got {self.channels_last!r}")
         object.__setattr__(self, "include", tuple(self.include))

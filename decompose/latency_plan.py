@@ -214,7 +214,7 @@ def latency_budget(model: nn.Module, budgeted: list, config: DecoupleConfig,
         opts = [(before, 0.0, None)]
         for label, (c, t, form) in what.items():
             if config.latency_margin * ms[label] <= before:
-                opts.append((ms[label], c.errors[t - 1] ** 2, (c, t, form)))
+                opts.append((ms[label], c.alloc_error(t) ** 2, (c, t, form)))
         layers.append(opts)
         lp.extra["plan_ms_before"] = before
         if len(opts) == 1:

@@ -20,18 +20,22 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import api
 from .config import DecoupleConfig
 from .report import Report
 
+#: images the output-error allocation measures on (the first of the calibration images)
+ALLOCATION_SAMPLES = 128
+
 
 def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
               calibration: Iterable[Any] | None = None, calib_samples: int = 512,
               refit_depthwise: bool = True, original: nn.Module | None = None,
               meta: dict | None = None, progress: bool = True, timer: Any = None,
-              latency_fn: Any = None) -> Report:
+              latency_fn: Any = None, allocation_samples: int = ALLOCATION_SAMPLES) -> Report:
     """Decouple ``model`` in place with ``config`` and, given calibration images, refit the
     decoupled layers to the original's layer outputs (no labels); return the report.
 
@@ -54,10 +58,23 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
         meta: what the model's file recorded (for the input shape).
         progress: show the calibration progress bar on stderr. Default True.
         timer, latency_fn: the planner's clock, as in :func:`decompose.plan` (tests).
+        allocation_samples: with ``config.allocation == "output"``, the budget's output errors
+            are measured on the first this many calibration images
+            (:func:`decompose.sensitivity.output_error_curves`). Default 128.
     """
+    config = config or DecoupleConfig()
     if calibration is not None and original is None:
         original = copy.deepcopy(model)
-    report = api.decompose_(model, config, meta=meta, timer=timer, latency_fn=latency_fn)
+    curves = None
+    if config.allocation == "output" and calibration is not None:
+        calibration = reusable_batches(calibration, calib_samples)
+        curves = _measure_curves(original if original is not None else model, config,
+                                 calibration, min(allocation_samples, calib_samples))
+    report = api.decompose_(model, config, meta=meta, timer=timer, latency_fn=latency_fn,
+                            error_curves=curves)
+    if curves is not None:
+        report.extra["allocation"] = {"errors": "relative output error", "images":
+                                      min(allocation_samples, calib_samples)}
     if calibration is None or not report.decomposed:
         return report
     from .calibrate import calibrate_
@@ -69,4 +86,35 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
     return report
 
 
-__all__ = ["compress_"]
+def reusable_batches(batches: Any, samples: int) -> Any:
+    """Calibration batches that can be read again (each sweep setting, or the output-error
+    allocation and then the calibration): a one-shot iterator (e.g.
+    :func:`decompose.data.calibration_batches`) is read once, its first ``samples`` images kept;
+    anything re-iterable (a list, a DataLoader, a tensor) is returned as it is."""
+    if batches is None or not isinstance(batches, Iterable) or iter(batches) is not batches:
+        return batches
+    kept: list[Any] = []
+    n = 0
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) and b else b
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            x = x[: samples - n]
+            n += len(x)
+        kept.append(x)
+        if n >= samples:
+            break
+    return kept
+
+
+def _measure_curves(original: nn.Module, config: DecoupleConfig, batches: list[Any],
+                    samples: int) -> dict:
+    from .sensitivity import output_error_curves
+    model = original
+    if config.fold_bn:  # the plan decouples the folded kernels: measure those
+        from .fold import fold_batchnorm_
+        model = copy.deepcopy(original)
+        fold_batchnorm_(model)
+    return output_error_curves(model, batches, config=config, samples=samples)
+
+
+__all__ = ["ALLOCATION_SAMPLES", "compress_", "reusable_batches"]

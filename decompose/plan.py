@@ -67,10 +67,17 @@ class Candidate:
     macs_per_rank: int
     params_per_rank: int
     bias_params: int
+    #: measured relative output errors at T = 1..r (``allocation="output"``), else None
+    output_errors: list[float] | None = None
 
     @property
     def max_rank(self) -> int:
         return len(self.errors)
+
+    def alloc_error(self, t: int) -> float:
+        """The error a budget minimises at rank ``t``: measured output error when known,
+        else the relative kernel error."""
+        return (self.output_errors if self.output_errors is not None else self.errors)[t - 1]
 
     def macs(self, t: int) -> int:
         return self.macs_per_rank * t
@@ -148,6 +155,8 @@ def _finish(lp: LayerPlan, cand: Candidate, t: int) -> LayerPlan:
     lp.macs_after, lp.params_after = cand.macs(t), cand.params(t)
     lp.kernel_error = cand.errors[t - 1]
     lp.energy = cand.energies[t - 1]
+    if cand.output_errors is not None:
+        lp.extra["planned_output_error"] = cand.output_errors[t - 1]
     lp.skipped = None
     return lp
 
@@ -264,7 +273,7 @@ def _budget(plans: list[tuple[LayerPlan, dict[str, Candidate]]], key: str, fract
             for t in range(1, c.max_rank + 1):
                 cost = cost_of(c, t)
                 if cost < before(lp):
-                    opts.append((cost, c.errors[t - 1] ** 2, (c, t)))
+                    opts.append((cost, c.alloc_error(t) ** 2, (c, t)))
         layers.append(opts)
     budget = fraction * sum(before(lp) for lp, _ in plans)
     cheapest = sum(min(o[0] for o in opts) for opts in layers)
@@ -284,8 +293,12 @@ def _budget(plans: list[tuple[LayerPlan, dict[str, Candidate]]], key: str, fract
 
 def make_plan(model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, ...],
               filter_fn: FilterFn | None = None, shapes: dict[str, Call] | None = None,
-              timing: Any = None) -> list[LayerPlan]:
+              timing: Any = None, error_curves: dict | None = None) -> list[LayerPlan]:
     """Plan every Conv1d/2d/3d of ``model`` (nothing is changed).
+
+    ``error_curves``: measured output errors per layer and order
+    (:func:`decompose.sensitivity.output_error_curves`), which the budgets then minimise
+    instead of kernel errors (``config.allocation == "output"``).
 
     ``timing``: a :class:`decompose.latency_plan.LayerTimer` for the options that time layers
     (``config.timed``); one is made when needed and not given. Its ``summary`` says what it
@@ -315,6 +328,13 @@ def make_plan(model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, 
             lp.skipped = reason
             continue
         cands = candidates(m, call, orders)
+        if error_curves is not None and config.allocation == "output":
+            for order, c in cands.items():
+                curve = error_curves.get(name, {}).get(order)
+                if curve is None or len(curve) != c.max_rank:
+                    raise DecomposeError(f"no measured output errors for layer {name} ({order}); "
+                                         "measure them on this model with output_error_curves")
+                c.output_errors = list(curve)
         lp.max_rank = max(c.max_rank for c in cands.values())
         if config.selection in ("target_macs", "target_params", "target_latency") \
                 and name not in config.rank_overrides:

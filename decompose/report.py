@@ -159,6 +159,9 @@ def render_table(r: Report) -> str:
             lines.append(f"        the decomposed model computes channels_last; against the original "
                          f"laid out channels_last too ({lat['before_same_layout_ms']:.2f} ms) it is "
                          f"{_speed(lat['speedup_same_layout'])}: that part is decoupling's")
+    if r.extra.get("allocation"):
+        lines.append(f"ranks   the budget minimised relative output errors measured on "
+                     f"{r.extra['allocation']['images']} calibration images (--allocate output)")
     if r.output:
         lines.append(f"wrote   {r.output}")
     return "\n".join(lines)

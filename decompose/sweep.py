@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import api
-from .config import DecoupleConfig
+from .config import BUDGETS, DecoupleConfig
 from .errors import DecomposeError
 from .measure import (
     accuracy_dict,
@@ -45,7 +45,7 @@ from .measure import (
     measure_latency,
     sqnr_db,
 )
-from .pipeline import compress_
+from .pipeline import compress_, reusable_batches
 from .progress import is_quiet, progress
 from .report import Report
 
@@ -69,16 +69,21 @@ def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
 
     ``common``: other config fields, the same in every setting (``include``, ``exclude``,
     ``input_shape``, ``fold_bn``, ``form``, ``latency_aware``, ``latency_batch``, ``threads``,
-    ``channels_last``, ...). A bad value raises a one-line error naming its flag."""
+    ``channels_last``, ...). ``allocation`` applies to the budget rows (MACs and latency
+    targets) only; rank and energy rows have no budget to spread. A bad value raises a one-line
+    error naming its flag."""
     orders = list(orders)
+    common = dict(common)
+    allocation = common.pop("allocation", "kernel")
     DecoupleConfig(**common)  # a bad common field: its own message, not a rule's flag
     out = []
     for rule, values in (("rank", ranks), ("energy", energies), ("target_macs", targets),
                          ("target_latency", latency_targets)):
+        extra = {"allocation": allocation} if rule in BUDGETS else {}
         for v in values:
             for order in orders:
                 try:
-                    out.append(DecoupleConfig(**{rule: v}, order=order, **common))
+                    out.append(DecoupleConfig(**{rule: v}, order=order, **common, **extra))
                 except DecomposeError as e:
                     raise DecomposeError(f"{RULES[rule]}: {e}") from None
     if not out:
@@ -91,25 +96,6 @@ def _label(config: DecoupleConfig) -> tuple[str, str, float]:
     rule = config.selection
     value = getattr(config, rule)
     return f"{SHORT[rule]}={value:g} {config.order}", rule, value
-
-
-def _reusable(batches: Any, samples: int) -> Any:
-    """Calibration batches every setting can read again: a one-shot iterator (e.g.
-    :func:`decompose.data.calibration_batches`) is read once, its first ``samples`` images kept;
-    anything re-iterable (a list, a DataLoader, a tensor) is returned as it is."""
-    if batches is None or not isinstance(batches, Iterable) or iter(batches) is not batches:
-        return batches
-    kept: list[Any] = []
-    n = 0
-    for b in batches:
-        x = b[0] if isinstance(b, (tuple, list)) and b else b
-        if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            x = x[: samples - n]
-            n += len(x)
-        kept.append(x)
-        if n >= samples:
-            break
-    return kept
 
 
 @dataclass
@@ -238,7 +224,7 @@ def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
     """
     if not configs:
         raise DecomposeError("nothing to sweep; give at least one setting")
-    calibration = _reusable(calibration, calib_samples)
+    calibration = reusable_batches(calibration, calib_samples)
     with eval_mode(model):
         return _sweep(model, configs, batches=batches, meta=meta, latency=latency,
                       latency_batch=latency_batch, repeats=repeats, threads=threads,
@@ -250,7 +236,8 @@ def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
 def _untimed(config: DecoupleConfig) -> DecoupleConfig:
     """The same layers and input shape, without any timing (the baseline needs no plan)."""
     return dataclasses.replace(config, rank=1, energy=None, target_macs=None, target_params=None,
-                               target_latency=None, form="plain", latency_aware=False)
+                               target_latency=None, form="plain", latency_aware=False,
+                               allocation="kernel")
 
 
 def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, threads,

@@ -151,6 +151,11 @@ def rank_options(f: Callable) -> Callable:
                           "--form fastest, --target-latency)."),
         click.option("--plan-threads", type=int, metavar="N",
                      help="Torch threads while the planner times. Default: as set."),
+        click.option("--allocate", "allocation", type=click.Choice(["kernel", "output"]),
+                     default="kernel", show_default=True,
+                     help="What a budget (--target-macs/--target-params/--target-latency) "
+                          "minimises: kernel errors (no data) or output errors measured on the "
+                          "--calibrate images (docs/method.md)."),
         click.option("--channels-last", is_flag=True,
                      help="Lay the model out channels_last (plan, time and save it so): convs "
                           "then run channels_last even on NCHW input, where depthwise convs are "
@@ -164,7 +169,7 @@ def rank_options(f: Callable) -> Callable:
 def config_from_options(rank, energy, target_macs, target_params, order, include, exclude,
                         input_shape, fold_bn=False, target_latency=None, form="plain",
                         latency_aware=False, plan_batch=1, plan_threads=None,
-                        channels_last=False, **extra):
+                        channels_last=False, allocation="kernel", **extra):
     from ..config import DecoupleConfig
     return DecoupleConfig(
         rank=parse_number(rank, "--rank", int, "1"),
@@ -175,7 +180,7 @@ def config_from_options(rank, energy, target_macs, target_params, order, include
         input_shape=parse_shape(input_shape), fold_bn=fold_bn,
         target_latency=parse_number(target_latency, "--target-latency", float, "0.5"),
         form=form, latency_aware=latency_aware, latency_batch=plan_batch,
-        threads=plan_threads, channels_last=channels_last, **extra)
+        threads=plan_threads, channels_last=channels_last, allocation=allocation, **extra)
 
 
 def pop_keys(d: dict, keys: list[str]) -> dict:
@@ -184,4 +189,4 @@ def pop_keys(d: dict, keys: list[str]) -> dict:
 
 RANK_KEYS = ["rank", "energy", "target_macs", "target_params", "order", "include", "exclude",
              "input_shape", "fold_bn", "target_latency", "form", "latency_aware", "plan_batch",
-             "plan_threads", "channels_last"]
+             "plan_threads", "channels_last", "allocation"]

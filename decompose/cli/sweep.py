@@ -65,6 +65,10 @@ def _orders(text: str) -> list[str]:
                                 "--latency-aware, --form fastest).")
 @click.option("--plan-threads", type=int, callback=_positive, metavar="N",
               help="Torch threads while the planner times. Default: as set.")
+@click.option("--allocate", "allocation", type=click.Choice(["kernel", "output"]),
+              default="kernel", show_default=True,
+              help="What the budget rows (--targets, --latency-targets) minimise: kernel errors "
+                   "or output errors measured on the --calibrate images.")
 @click.option("--channels-last", is_flag=True,
               help="Every setting: lay the weights out channels_last before planning and keep "
                    "the decoupled model so (docs/layouts.md).")
@@ -120,6 +124,8 @@ def sweep_cmd(model: str, **opts) -> None:
                   threads=opts["plan_threads"])
     if opts["channels_last"]:  # only when asked: configs stay as they were without it
         common["channels_last"] = True
+    if opts["allocation"] != "kernel":
+        common["allocation"] = opts["allocation"]
     rules = dict(latency_targets=latency_targets)
     sweep_configs(ranks, energies, targets, orders, input_shape=shape, **rules,
                   **common)  # validate
