@@ -103,6 +103,8 @@ def test_checkpoint_with_arch(runner, tmp_path):
     (["--target-macs", "1"], "target_macs"), (["--target-params", "0"], "target_params"),
     (["--rank", "1", "--energy", "0.5"], "choose one"), (["--input-shape", "a,b"], "--input-shape"),
     (["--order", "sideways"], "order"), (["--input-shape", "5,16,16"], "--input-shape"),
+    (["--plan-batch", "0"], "--plan-batch"), (["--plan-threads", "0"], "--plan-threads"),
+    (["--rank", "2", "--allocate", "output"], "--target-macs"),
 ])
 def test_bad_settings_are_one_line(runner, model_file, args, needle):
     res = run(runner, model_file, *args)

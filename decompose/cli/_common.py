@@ -109,6 +109,13 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
+def positive(ctx, param, value):
+    """click callback: an integer option that must be at least 1 (names the flag on error)."""
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
 def rank_options(f: Callable) -> Callable:
     """How ranks are chosen, and which layers: the fields of DecoupleConfig."""
     opts = [
@@ -147,9 +154,10 @@ def rank_options(f: Callable) -> Callable:
                      help="Time every decoupled layer against its original on this machine and "
                           "keep the original where it is not 1.05x faster."),
         click.option("--plan-batch", type=int, default=1, show_default=True, metavar="N",
+                     callback=positive,
                      help="Batch size at which the planner times layers (--latency-aware, "
                           "--form fastest, --target-latency)."),
-        click.option("--plan-threads", type=int, metavar="N",
+        click.option("--plan-threads", type=int, metavar="N", callback=positive,
                      help="Torch threads while the planner times. Default: as set."),
         click.option("--allocate", "allocation", type=click.Choice(["kernel", "output"]),
                      default="kernel", show_default=True,

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from ..errors import DecomposeError
+from ._common import positive
 
 DATA_KEYS = ["data", "limit", "seed", "batch_size", "resize", "crop", "mean", "std", "grayscale"]
 LATENCY_KEYS = ["latency", "latency_batch", "threads", "repeats"]
@@ -40,12 +41,6 @@ def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     return tuple(parse_list(text, flag, float, "0.485,0.456,0.406"))
 
 
-def _positive(ctx, param, value):
-    if value is not None and value < 1:
-        raise click.BadParameter(f"must be at least 1, got {value}")
-    return value
-
-
 def data_options(required: bool = False) -> Callable[[Callable], Callable]:
     """--data and how its images become tensors (decompose.data.make_loader's arguments)."""
     def deco(f: Callable) -> Callable:
@@ -56,15 +51,15 @@ def data_options(required: bool = False) -> Callable[[Callable], Callable]:
                               "sorted names = labels) or an .npz with x and y."
                               + ("" if required else " Adds accuracy and output error to the "
                                  "report.")),
-            click.option("--limit", type=int, callback=_positive, metavar="N",
+            click.option("--limit", type=int, callback=positive, metavar="N",
                          help="Use a seeded random subset of N images (same ones every run)."),
             click.option("--seed", type=int, default=0, show_default=True,
                          help="Seed of the --limit subset."),
             click.option("--batch-size", type=int, default=128, show_default=True,
-                         callback=_positive, help="Images per evaluation batch."),
-            click.option("--resize", type=int, callback=_positive, metavar="PX",
+                         callback=positive, help="Images per evaluation batch."),
+            click.option("--resize", type=int, callback=positive, metavar="PX",
                          help="Resize the shorter side to PX pixels first."),
-            click.option("--crop", type=int, callback=_positive, metavar="PX",
+            click.option("--crop", type=int, callback=positive, metavar="PX",
                          help="Then center-crop to PX x PX."),
             click.option("--mean", metavar="M[,M,M]",
                          help="Normalisation mean. Default ImageNet's 0.485,0.456,0.406 (what the "
@@ -87,10 +82,10 @@ def latency_options(f: Callable) -> Callable:
                      help="Time the original and the decomposed model side by side (whole model "
                           "and every decoupled layer)."),
         click.option("--latency-batch", type=int, default=1, show_default=True,
-                     callback=_positive, metavar="N", help="Batch size of the timed input."),
-        click.option("--threads", type=int, callback=_positive, metavar="N",
+                     callback=positive, metavar="N", help="Batch size of the timed input."),
+        click.option("--threads", type=int, callback=positive, metavar="N",
                      help="torch threads while timing. Default: torch's current setting."),
-        click.option("--repeats", type=int, default=20, show_default=True, callback=_positive,
+        click.option("--repeats", type=int, default=20, show_default=True, callback=positive,
                      metavar="N", help="Interleaved timed rounds per comparison (median)."),
     ]
     for o in reversed(opts):

@@ -6,12 +6,11 @@ import click
 
 from ..io import load_model
 from ..progress import quiet_progress
-from ._common import emit, log, model_options, parse_shape, pop_keys
+from ._common import emit, log, model_options, parse_shape, pop_keys, positive
 from ._measure import (
     CALIB_KEYS,
     DATA_KEYS,
     LATENCY_KEYS,
-    _positive,
     calibration_batches_from,
     calibration_options,
     data_options,
@@ -60,10 +59,10 @@ def _orders(text: str) -> list[str]:
 @click.option("--latency-aware", is_flag=True,
               help="Every setting: time each decoupled layer against its original and keep the "
                    "original where it is not 1.05x faster.")
-@click.option("--plan-batch", type=int, default=1, show_default=True, callback=_positive,
+@click.option("--plan-batch", type=int, default=1, show_default=True, callback=positive,
               metavar="N", help="Batch size at which the planner times layers (--latency-targets, "
                                 "--latency-aware, --form fastest).")
-@click.option("--plan-threads", type=int, callback=_positive, metavar="N",
+@click.option("--plan-threads", type=int, callback=positive, metavar="N",
               help="Torch threads while the planner times. Default: as set.")
 @click.option("--allocate", "allocation", type=click.Choice(["kernel", "output"]),
               default="kernel", show_default=True,
