@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--kd-weight", type=float, default=KD_WEIGHT)
     ap.add_argument("--target-macs", type=float, default=TARGET_MACS)
+    ap.add_argument("--rank", type=int, default=None,
+                    help="decouple at this rank everywhere instead of --target-macs")
     ap.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is several times faster on a shared, busy CPU")
@@ -79,7 +81,8 @@ def main() -> None:
 
     teacher = load_resnet56()
     student = copy.deepcopy(teacher)
-    rep = decompose.decompose_(student, target_macs=args.target_macs, exclude=("conv1",))
+    rule = {"rank": args.rank} if args.rank else {"target_macs": args.target_macs}
+    rep = decompose.decompose_(student, exclude=("conv1",), **rule)
     tot = rep.totals
     print(f"decomposed {tot['layers_decomposed']} convs: their multiply-adds "
           f"{tot['decomposed_macs_before'] / 1e6:.1f}M -> {tot['decomposed_macs_after'] / 1e6:.1f}M "
