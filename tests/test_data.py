@@ -317,9 +317,9 @@ def test_torchvision_and_pil_paths_give_identical_tensors(tmp_path, monkeypatch)
         _png(tmp_path / "d" / f"c{i}" / "a.png", _rgb(h, w, i))
     settings = [dict(), dict(resize=24), dict(crop=20), dict(resize=21, crop=20), dict(crop=40)]
     for kw in settings:
-        monkeypatch.setattr(D, "_tvt", tvt)
+        monkeypatch.setattr(D.transforms, "_tvt", tvt)
         with_tv = [make_loader(tmp_path / "d", **kw).dataset[i][0] for i in range(4)]
-        monkeypatch.setattr(D, "_tvt", None)
+        monkeypatch.setattr(D.transforms, "_tvt", None)
         without = [make_loader(tmp_path / "d", **kw).dataset[i][0] for i in range(4)]
         assert all(torch.equal(a, b) for a, b in zip(with_tv, without)), kw
 
