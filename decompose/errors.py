@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class DecomposeError(Exception):
     """A user-facing problem: bad input, a file that cannot be read, a setting out of range."""
+
+
+class BudgetError(DecomposeError):
+    """A budget (``--target-macs``, ``--target-params``, ``--target-latency``) that no plan can
+    meet; the message gives the reachable fraction. A sweep records it as a row and goes on."""

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .config import DecoupleConfig
-from .errors import DecomposeError
+from .errors import BudgetError
 from .fast import AUTO_MARGIN, auto_form, estimated_speedup, fast_form
 from .kernel import factorize
 from .latency import Timer, compare_latency, speedups
@@ -229,7 +229,7 @@ def latency_budget(model: nn.Module, budgeted: list, config: DecoupleConfig,
     cheapest = sum(min(o[0] for o in opts) for opts in layers)
     timing.summary.update(whole_ms=whole, remainder_ms=remainder, layers_ms=orig_sum)
     if cheapest > budget:
-        raise DecomposeError(
+        raise BudgetError(
             f"--target-latency {fraction} cannot be met: the fastest plan measured takes "
             f"{(remainder + cheapest) / whole:.3f} of the original's {whole:.3f} ms at batch "
             f"{config.latency_batch}; raise it to at least that")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import DecoupleConfig
-from .errors import DecomposeError
+from .errors import BudgetError, DecomposeError
 from .kernel import ORDER_NAMES, energy_curve, error_curve, rank_for_energy, singular_values
 from .layers import is_conv, taps
 from .metrics import Call, conv_macs, trace
@@ -280,7 +280,7 @@ def _budget(plans: list[tuple[LayerPlan, dict[str, Candidate]]], key: str, fract
     if cheapest > budget:
         total = sum(before(lp) for lp, _ in plans)
         flag = "--target-macs" if key == "macs" else "--target-params"
-        raise DecomposeError(f"{flag} {fraction} cannot be met: the cheapest plan (rank 1 "
+        raise BudgetError(f"{flag} {fraction} cannot be met: the cheapest plan (rank 1 "
                              f"everywhere) costs {cheapest / total:.3f} of the original; raise it")
     choice = optimise(layers, budget)
     for (lp, _cands), opts, j in zip(plans, layers, choice):

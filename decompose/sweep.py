@@ -34,7 +34,7 @@ from torch import nn
 
 from . import api
 from .config import BUDGETS, DecoupleConfig
-from .errors import DecomposeError
+from .errors import BudgetError, DecomposeError
 from .measure import (
     accuracy_dict,
     check_input_shape,
@@ -176,6 +176,9 @@ def render_sweep(res: SweepResult) -> str:
         lines.append(f"speed-up: original ms / decomposed ms, whole model, batch "
                      f"{lat['batch_size']}, {lat['threads']} threads, median of "
                      f"{lat['repeats']} interleaved rounds (> 1 is faster)")
+    for r in res.rows:
+        if str(r.get("note", "")).startswith("not reachable"):
+            lines.append(f"{r['setting']}: {r['note']}")
     return "\n".join(lines)
 
 
@@ -272,6 +275,11 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
                                        refit_depthwise=refit_depthwise, original=model,
                                        meta=meta, progress=not is_quiet(quiet), timer=timer,
                                        latency_fn=latency_fn)
+        except BudgetError as e:  # unreachable budget: say so in its row and go on
+            rows.append({**dict.fromkeys(COLUMNS), "setting": label, "rule": rule,
+                         "value": value, "order": config.order, "layers_decomposed": 0,
+                         "calibrated": False, "note": f"not reachable: {e}"})
+            continue
         except DecomposeError as e:
             raise DecomposeError(f"setting {label}: {e}") from None
         t = report.totals

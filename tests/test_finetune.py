@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -367,6 +368,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(files, tmp_path):
     assert ck["epoch"] >= 1
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed or pid-derived one can be taken)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_distributed_two_cpu_processes(files, tmp_path):
     out = tmp_path / "s.pt"
@@ -374,7 +382,7 @@ def test_distributed_two_cpu_processes(files, tmp_path):
     script = tmp_path / "decompose_cli.py"
     script.write_text("from decompose.cli import main\nmain()\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), script, "finetune", files / "student.pt", "--data", files / "train.npz", "--val",
+           "--master_port", str(_free_port()), script, "finetune", files / "student.pt", "--data", files / "train.npz", "--val",
            files / "val.npz", "--epochs", "2", "--limit", "256", "--batch-size", "32",
            "--teacher", files / "teacher.pt", "--device", "cpu", "-o", out, "--json", *DIGITS]
     r = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True,

@@ -144,3 +144,12 @@ def test_sweep_applies_output_allocation_to_budget_rows_only():
     from decompose.sweep import sweep_configs
     cfgs = sweep_configs(ranks=[1], targets=[0.5], latency_targets=[0.8], allocation="output")
     assert [c.allocation for c in cfgs] == ["kernel", "output", "output"]
+
+
+def test_sweep_cli_allocate_output_needs_calibration_images(tmp_path):
+    f = tmp_path / "model.pt"
+    torch.save(tiny_cnn().eval(), f)
+    res = CliRunner().invoke(cli, ["sweep", str(f), "--targets", "0.5", "--allocate", "output",
+                                   "--input-shape", "3,16,16", "--no-latency", "-q"])
+    assert res.exit_code == 2 and "--allocate" in res.stderr and "--calibrate" in res.stderr
+    assert "Traceback" not in res.output

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,10 +140,23 @@ def test_latency_targets_rule_and_its_predicted_fraction():
     assert "lat=0.9 auto" in table and "pred.lat" in table
 
 
-def test_unreachable_latency_target_names_its_setting():
-    cfgs = sweep_configs(latency_targets=[0.5])  # best: 80 + 2 x 4 ms = 88% of 100
-    with pytest.raises(DecomposeError, match=r"^setting lat=0.5 auto: .*cannot be met"):
-        sweep(tiny_classifier(), cfgs, latency=False, latency_fn=_fake_latency, quiet=True)
+def test_unreachable_latency_target_is_a_row_and_the_sweep_goes_on():
+    cfgs = sweep_configs(latency_targets=[0.5, 0.9])  # best: 80 + 2 x 4 ms = 88% of 100
+    res = sweep(tiny_classifier(), cfgs, latency=False, latency_fn=_fake_latency, quiet=True)
+    bad, good = res.rows
+    assert bad["setting"] == "lat=0.5 auto" and bad["layers_decomposed"] == 0
+    assert bad["note"].startswith("not reachable: --target-latency 0.5 cannot be met")
+    assert bad["top1"] is None and bad["speedup"] is None
+    assert good["layers_decomposed"] > 0  # the next setting was still measured
+    assert "lat=0.5 auto: not reachable" in str(res)
+    res.to_csv(Path(tempfile.mkdtemp()) / "s.csv")  # a row of blanks writes fine
+
+
+def test_other_errors_still_stop_the_sweep_and_name_the_setting():
+    cfgs = sweep_configs(targets=[0.5])
+    with pytest.raises(DecomposeError, match=r"^setting MACs=0.5 auto: .*--calibrate"):
+        sweep(tiny_classifier(), [dataclasses.replace(cfgs[0], allocation="output")],
+              latency=False, quiet=True)
 
 
 def test_calibrated_rows_raise_the_output_sqnr():

@@ -124,6 +124,9 @@ def sweep_cmd(model: str, **opts) -> None:
     if opts["channels_last"]:  # only when asked: configs stay as they were without it
         common["channels_last"] = True
     if opts["allocation"] != "kernel":
+        if not calib_opts.get("calib_dir"):
+            raise click.BadParameter("output errors are measured on calibration images: add "
+                                     "--calibrate DIR", param_hint="--allocate")
         common["allocation"] = opts["allocation"]
     rules = dict(latency_targets=latency_targets)
     sweep_configs(ranks, energies, targets, orders, input_shape=shape, **rules,
