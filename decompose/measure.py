@@ -251,10 +251,10 @@ def _time_pair(before: nn.Module, after: nn.Module, x: torch.Tensor, *, repeats:
     return out
 
 
-def _same_layout_original(original: nn.Module, decomposed: nn.Module) -> nn.Module | None:
+def _same_layout_original(original: nn.Module, decomposed_cl: bool) -> nn.Module | None:
     """The original laid out channels_last when only the decomposed model is (else None): the
     speed-up that decoupling alone brings is measured against it."""
-    if is_channels_last(decomposed) and not is_channels_last(original):
+    if decomposed_cl and not is_channels_last(original):
         twin = copy.deepcopy(original)
         to_channels_last_(twin)
         return twin
@@ -325,6 +325,7 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
     """
     done = [lp for lp in layers if lp.skipped is None]
     timed = done if per_layer else []
+    decomposed_cl = is_channels_last(decomposed)
     with eval_mode(original, decomposed):
         inputs = capture_inputs(original, [lp.name for lp in timed], x) if timed else {}
         jobs: list[LayerPlan | None] = [None, *timed]  # None: the whole model
@@ -334,7 +335,7 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
             if lp is None:
                 whole = _time_pair(original, decomposed, x, repeats=repeats, warmup=warmup,
                                    threads=threads, min_sample_ms=min_sample_ms,
-                                   same_layout=_same_layout_original(original, decomposed))
+                                   same_layout=_same_layout_original(original, decomposed_cl))
                 continue
             if lp.name not in inputs:
                 continue
@@ -349,7 +350,7 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
            "speedup": whole["speedup"], "batch_size": int(x.shape[0]),
            "threads": whole["threads"], "repeats": repeats, "warmup": warmup,
            "per_layer": bool(per_layer and done),
-           "layout": "channels_last" if is_channels_last(decomposed) else "as given"}
+           "layout": "channels_last" if decomposed_cl else "as given"}
     for k in ("before_same_layout_ms", "speedup_same_layout"):
         if k in whole:
             out[k] = whole[k]

@@ -66,15 +66,14 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
     if calibration is not None and original is None:
         original = copy.deepcopy(model)
     curves = None
-    if config.allocation == "output" and calibration is not None:
+    measured_on = min(allocation_samples, calib_samples)
+    if config.allocation == "output" and calibration is not None:  # original is set here
         calibration = reusable_batches(calibration, calib_samples)
-        curves = _measure_curves(original if original is not None else model, config,
-                                 calibration, min(allocation_samples, calib_samples))
+        curves = _measure_curves(original, config, calibration, measured_on)
     report = api.decompose_(model, config, meta=meta, timer=timer, latency_fn=latency_fn,
                             error_curves=curves)
     if curves is not None:
-        report.extra["allocation"] = {"errors": "relative output error", "images":
-                                      min(allocation_samples, calib_samples)}
+        report.extra["allocation"] = {"errors": "relative output error", "images": measured_on}
     if calibration is None or not report.decomposed:
         return report
     from .calibrate import calibrate_

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DecoupleConfig
+from .config import BUDGETS, DecoupleConfig
 from .errors import BudgetError, DecomposeError
 from .kernel import ORDER_NAMES, energy_curve, error_curve, rank_for_energy, singular_values
 from .layers import is_conv, taps
@@ -281,7 +281,7 @@ def _budget(plans: list[tuple[LayerPlan, dict[str, Candidate]]], key: str, fract
         total = sum(before(lp) for lp, _ in plans)
         flag = "--target-macs" if key == "macs" else "--target-params"
         raise BudgetError(f"{flag} {fraction} cannot be met: the cheapest plan (rank 1 "
-                             f"everywhere) costs {cheapest / total:.3f} of the original; raise it")
+                          f"everywhere) costs {cheapest / total:.3f} of the original; raise it")
     choice = optimise(layers, budget)
     for (lp, _cands), opts, j in zip(plans, layers, choice):
         payload = opts[j][2]
@@ -336,8 +336,7 @@ def make_plan(model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, 
                                          "measure them on this model with output_error_curves")
                 c.output_errors = list(curve)
         lp.max_rank = max(c.max_rank for c in cands.values())
-        if config.selection in ("target_macs", "target_params", "target_latency") \
-                and name not in config.rank_overrides:
+        if config.selection in BUDGETS and name not in config.rank_overrides:
             budgeted.append((lp, cands))
         else:
             _per_layer_rank(lp, cands, config, config.rank_overrides.get(name))

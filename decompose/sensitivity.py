@@ -104,12 +104,12 @@ def output_error_curves(model: nn.Module, batches: Iterable[Any], *,
     was = model.training
     model.eval()
     seen = 0
+    p = next(model.parameters(), None)
     try:
         with torch.no_grad():
             for b in batches:
                 x = b[0] if isinstance(b, (tuple, list)) else b
                 x = x[: samples - seen]
-                p = next(model.parameters(), None)
                 if p is not None:
                     x = x.to(device=p.device, dtype=p.dtype)
                 model(x)

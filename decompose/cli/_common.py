@@ -135,9 +135,6 @@ def rank_options(f: Callable) -> Callable:
                      help="Only convs whose name matches (repeatable), e.g. 'layer3.*'."),
         click.option("--exclude", multiple=True, metavar="GLOB",
                      help="Leave convs whose name matches alone (repeatable), e.g. conv1."),
-        click.option("--fold-bn/--no-fold-bn", default=False, show_default=True,
-                     help="Fold each BatchNorm that only reads a conv's output into that conv "
-                          "before decoupling."),
         click.option("--input-shape", metavar="C,H,W",
                      help="One input sample's shape, to count multiply-adds. Default: "
                           "model.input_shape, else the file's, else C,224,224."),
@@ -145,6 +142,21 @@ def rank_options(f: Callable) -> Callable:
                      help="Latency budget: the model, timed here at --plan-batch, takes at most "
                           "fraction F (0<F<1) of the original; per-layer order/rank/form "
                           "minimise total kernel error (docs/speed.md)."),
+    ]
+    f = build_options(f)
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def build_options(f: Callable) -> Callable:
+    """How the chosen layers are built and timed, whatever picks their ranks: --fold-bn,
+    --form, --latency-aware, --plan-batch, --plan-threads, --allocate, --channels-last. Part of
+    :func:`rank_options`; ``decompose sweep`` applies them to every setting."""
+    opts = [
+        click.option("--fold-bn/--no-fold-bn", default=False, show_default=True,
+                     help="Fold each BatchNorm that only reads a conv's output into that conv "
+                          "before decoupling."),
         click.option("--form", type=click.Choice(["plain", "dw1", "auto", "fastest"]),
                      default="plain", show_default=True,
                      help="How decoupled layers are built: plain, dw1 (channel multiplier 1), "
@@ -161,9 +173,9 @@ def rank_options(f: Callable) -> Callable:
                      help="Torch threads while the planner times. Default: as set."),
         click.option("--allocate", "allocation", type=click.Choice(["kernel", "output"]),
                      default="kernel", show_default=True,
-                     help="What a budget (--target-macs/--target-params/--target-latency) "
-                          "minimises: kernel errors (no data) or output errors measured on the "
-                          "--calibrate images (docs/method.md)."),
+                     help="What a MACs, params or latency budget minimises: kernel errors (no "
+                          "data) or output errors measured on the --calibrate images "
+                          "(docs/method.md)."),
         click.option("--channels-last", is_flag=True,
                      help="Lay the model out channels_last (plan, time and save it so): convs "
                           "then run channels_last even on NCHW input, where depthwise convs are "

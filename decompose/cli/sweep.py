@@ -6,7 +6,7 @@ import click
 
 from ..io import load_model
 from ..progress import quiet_progress
-from ._common import emit, log, model_options, parse_shape, pop_keys, positive
+from ._common import build_options, emit, log, model_options, parse_shape, pop_keys
 from ._measure import (
     CALIB_KEYS,
     DATA_KEYS,
@@ -49,28 +49,7 @@ def _orders(text: str) -> list[str]:
               help="Leave convs whose name matches alone (repeatable), e.g. conv1.")
 @click.option("--input-shape", metavar="C,H,W",
               help="One input sample's shape. Default: the model's, else the data's.")
-@click.option("--fold-bn", is_flag=True,
-              help="Every setting: fold each BatchNorm that only reads a conv's output into that "
-                   "conv before decoupling.")
-@click.option("--form", type=click.Choice(["plain", "dw1", "auto", "fastest"]), default="plain",
-              show_default=True,
-              help="Every setting: how decoupled layers are built: plain, dw1 (channel "
-                   "multiplier 1), auto (cost-model rule) or fastest (timed).")
-@click.option("--latency-aware", is_flag=True,
-              help="Every setting: time each decoupled layer against its original and keep the "
-                   "original where it is not 1.05x faster.")
-@click.option("--plan-batch", type=int, default=1, show_default=True, callback=positive,
-              metavar="N", help="Batch size at which the planner times layers (--latency-targets, "
-                                "--latency-aware, --form fastest).")
-@click.option("--plan-threads", type=int, callback=positive, metavar="N",
-              help="Torch threads while the planner times. Default: as set.")
-@click.option("--allocate", "allocation", type=click.Choice(["kernel", "output"]),
-              default="kernel", show_default=True,
-              help="What the budget rows (--targets, --latency-targets) minimise: kernel errors "
-                   "or output errors measured on the --calibrate images.")
-@click.option("--channels-last", is_flag=True,
-              help="Every setting: lay the weights out channels_last before planning and keep "
-                   "the decoupled model so (docs/layouts.md).")
+@build_options
 @model_options
 @data_options()
 @latency_options
@@ -120,14 +99,11 @@ def sweep_cmd(model: str, **opts) -> None:
     common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]),
                   fold_bn=opts["fold_bn"], form=opts["form"],
                   latency_aware=opts["latency_aware"], latency_batch=opts["plan_batch"],
-                  threads=opts["plan_threads"])
-    if opts["channels_last"]:  # only when asked: configs stay as they were without it
-        common["channels_last"] = True
-    if opts["allocation"] != "kernel":
-        if not calib_opts.get("calib_dir"):
-            raise click.BadParameter("output errors are measured on calibration images: add "
-                                     "--calibrate DIR", param_hint="--allocate")
-        common["allocation"] = opts["allocation"]
+                  threads=opts["plan_threads"], channels_last=opts["channels_last"],
+                  allocation=opts["allocation"])
+    if opts["allocation"] == "output" and not calib_opts["calib_dir"]:
+        raise click.BadParameter("output errors are measured on calibration images: add "
+                                 "--calibrate DIR", param_hint="--allocate")
     rules = dict(latency_targets=latency_targets)
     sweep_configs(ranks, energies, targets, orders, input_shape=shape, **rules,
                   **common)  # validate
