@@ -328,7 +328,9 @@ def _base(ds: Any) -> Any:
 
 
 def _dataset_of(loader: Any, what: str) -> Dataset:
-    ds = getattr(loader, "dataset", loader)
+    # Only a DataLoader is unwrapped: a Subset also has a .dataset (its parent), and taking it
+    # would silently train or validate on the whole parent set.
+    ds = loader.dataset if isinstance(loader, DataLoader) else loader
     if isinstance(ds, IterableDataset) or not hasattr(ds, "__getitem__") \
             or not hasattr(ds, "__len__"):
         raise DecomposeError(f"the {what} data must be a map-style Dataset (or a DataLoader of "

@@ -95,6 +95,19 @@ def _state_equal(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_subset_is_used_as_given_not_its_parent():
+    """A torch Subset has a .dataset attribute (its parent): fine-tuning must use the subset."""
+    from torch.utils.data import DataLoader, Subset
+    full = _toy(96)
+    train, val = Subset(full, list(range(0, 96, 3))), Subset(full, list(range(1, 96, 4)))
+    res = finetune(_net(), train, val, config=FinetuneConfig(epochs=1, batch_size=8,
+                                                             device="cpu"), progress=False)
+    assert res.train_images == 32 and res.best.n == 24
+    res = finetune(_net(), DataLoader(train, batch_size=8), DataLoader(val, batch_size=8),
+                   config=FinetuneConfig(epochs=1, batch_size=8, device="cpu"), progress=False)
+    assert res.train_images == 32 and res.best.n == 24
+
+
 # ------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("kwargs, flag", [
     (dict(epochs=0), "--epochs"), (dict(lr=0), "--lr"), (dict(lr=float("nan")), "--lr"),
