@@ -15,6 +15,7 @@ timing, as :mod:`timeit` does. The clock is injectable (``timer=``, seconds as a
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -103,6 +104,18 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _no_sync() -> None:
+    pass
+
+
+def _on_cuda(modules: Mapping[str, Callable[..., Any]], args: Mapping[str, Any]) -> bool:
+    tensors = [t for a in args.values() for t in (a if isinstance(a, tuple) else (a,))
+               if isinstance(t, torch.Tensor)]
+    tensors += [p for m in modules.values() if isinstance(m, nn.Module)
+                for p in itertools.islice(m.parameters(), 1)]
+    return any(t.is_cuda for t in tensors)
+
+
 def _call(module: Callable[..., Any], x: Any) -> Any:
     return module(*x) if isinstance(x, tuple) else module(x)
 
@@ -123,7 +136,9 @@ def compare_latency(modules: Mapping[str, Callable[..., Any]], x: Any, *, repeat
         number: calls per timed sample (default 1, >= 1); the sample is their mean. Raise it
             for layers that take only microseconds.
         timer: a clock in seconds (default :func:`time.perf_counter`); inject a fake one for
-            deterministic tests. It is read exactly twice per sample.
+            deterministic tests. It is read exactly twice per sample; when an input or a
+            module's parameters are on a CUDA device, each read follows a
+            ``torch.cuda.synchronize()``, so the sample covers the kernels, not their launch.
         threads: if given, ``torch.set_num_threads`` for the measurement (restored afterwards);
             the count used is recorded in every result.
         inputs: optional name -> input for modules that need their own input (e.g. a
@@ -141,6 +156,8 @@ def compare_latency(modules: Mapping[str, Callable[..., Any]], x: Any, *, repeat
         raise ValueError(f"inputs given for unknown modules {sorted(unknown)}; known: {names}")
     args = {n: inputs.get(n, x) for n in names}
     nn_modules = [m for m in modules.values() if isinstance(m, nn.Module)]
+    # CUDA kernels run asynchronously: without a barrier the clock would read launch time only
+    sync = torch.cuda.synchronize if _on_cuda(modules, args) else _no_sync
     samples: dict[str, list[float]] = {n: [] for n in names}
     with _threads(threads), _eval_mode(nn_modules), torch.inference_mode():
         used_threads = torch.get_num_threads()
@@ -152,9 +169,11 @@ def compare_latency(modules: Mapping[str, Callable[..., Any]], x: Any, *, repeat
                 k = r % len(names)
                 for n in names[k:] + names[:k]:
                     m, a = modules[n], args[n]
+                    sync()
                     t0 = timer()
                     for _ in range(number):
                         _call(m, a)
+                    sync()
                     t1 = timer()
                     samples[n].append((t1 - t0) * 1e3 / number)
     return {n: Latency(tuple(samples[n]), used_threads) for n in names}

@@ -124,3 +124,31 @@ def test_real_clock_smoke():
     r = time_module(conv, torch.randn(1, 3, 8, 8), repeats=3, warmup=1)
     assert len(r.samples_ms) == 3 and r.median_ms > 0 and r.q1_ms <= r.q3_ms
     assert set(r.to_dict()) >= {"median_ms", "q1_ms", "q3_ms", "min_ms", "rounds", "threads"}
+
+
+def test_cuda_work_is_synchronized_before_each_clock_read(monkeypatch):
+    """On a GPU kernels run asynchronously: every timer read must follow a device barrier."""
+    import decompose.latency as lat
+    events: list[str] = []
+    clock = iter(range(1000))
+
+    def timer() -> float:
+        events.append("timer")
+        return float(next(clock))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    monkeypatch.setattr(lat, "_on_cuda", lambda modules, args: True)
+    compare_latency({"a": lambda x: events.append("call")}, torch.zeros(1), repeats=2,
+                    warmup=0, timer=timer)
+    assert events == ["sync", "timer", "call", "sync", "timer"] * 2
+    # and on the CPU nothing synchronizes
+    events.clear()
+    monkeypatch.setattr(lat, "_on_cuda", lambda modules, args: False)
+    compare_latency({"a": lambda x: events.append("call")}, torch.zeros(1), repeats=1,
+                    warmup=0, timer=timer)
+    assert events == ["timer", "call", "timer"]
+
+
+def test_on_cuda_sees_inputs_and_parameters_on_cpu_as_cpu():
+    from decompose.latency import _on_cuda
+    assert not _on_cuda({"m": torch.nn.Linear(2, 2)}, {"m": (torch.zeros(1), 3)})
