@@ -26,6 +26,8 @@ TEST = SHARED / "data" / "cifar10" / "test"
 
 
 def load(path: str) -> torch.nn.Module:
+    if path.endswith(".th"):  # a shipped state dict
+        return load_model(path, arch=ARCH).model.eval()
     if path.endswith(".ckpt"):
         ck = torch.load(path, weights_only=True)
         model = load_model(SHARED / "models" / "cifar-resnet" / "resnet56.th", arch=ARCH).model
@@ -48,17 +50,28 @@ def main() -> None:
     ap.add_argument("second")
     args = ap.parse_args()
     loader = make_loader(TEST, batch_size=500)
-    a, b = correct(load(args.first), loader), correct(load(args.second), loader)
+    print(describe(paired(correct(load(args.first), loader), correct(load(args.second), loader))))
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Per-image correctness of two models on the same images -> top-1s, gap (second minus
+    first, points), its paired standard error and the exact McNemar p."""
     n = len(a)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     gap = (only_b - only_a) / n  # second minus first, as a fraction
     se = math.sqrt(max(only_a + only_b - n * gap * gap, 0.0)) / n
     k, m = min(only_a, only_b), only_a + only_b
     p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
-    print(f"{n} images: first {a.float().mean():.2%}, second {b.float().mean():.2%}; "
-          f"second - first = {100 * gap:.2f} points, paired standard error {100 * se:.2f} "
-          f"points (discordant: {only_a} only first, {only_b} only second); McNemar p = {p:.3f}")
+    return {"images": n, "first": float(a.float().mean()), "second": float(b.float().mean()),
+            "gap_points": round(100 * gap, 2), "se_points": round(100 * se, 2),
+            "only_first": only_a, "only_second": only_b, "mcnemar_p": round(p, 4)}
 
+
+def describe(r: dict) -> str:
+    return (f"{r['images']} images: first {r['first']:.2%}, second {r['second']:.2%}; "
+            f"second - first = {r['gap_points']:.2f} points, paired standard error "
+            f"{r['se_points']:.2f} points (discordant: {r['only_first']} only first, "
+            f"{r['only_second']} only second); McNemar p = {r['mcnemar_p']:.3f}")
 
 if __name__ == "__main__":
     main()
