@@ -51,6 +51,8 @@ from .report import Report
 
 RULES = {"rank": "--ranks", "energy": "--energies", "target_macs": "--targets",
          "target_latency": "--latency-targets"}
+EXAMPLES = {"rank": "1,2,3", "energy": "0.5,0.8", "target_macs": "0.3,0.5",
+            "target_latency": "0.5,0.7"}
 SHORT = {"rank": "T", "energy": "E", "target_macs": "MACs", "target_latency": "lat",
          "target_params": "params"}
 COLUMNS = ["setting", "rule", "value", "order", "layers_decomposed", "macs_ratio",
@@ -85,7 +87,10 @@ def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
                 try:
                     out.append(DecoupleConfig(**{rule: v}, order=order, **common, **extra))
                 except DecomposeError as e:
-                    raise DecomposeError(f"{RULES[rule]}: {e}") from None
+                    # the config's own hint names the main command's flag (--rank 1, ...)
+                    why = str(e).split("; try ")[0]
+                    raise DecomposeError(f"{RULES[rule]}: {why}; e.g. {RULES[rule]} "
+                                         f"{EXAMPLES[rule]}") from None
     if not out:
         raise DecomposeError("nothing to sweep; give --ranks, --energies, --targets and/or "
                              "--latency-targets, e.g. --ranks 1,2,3")

@@ -229,7 +229,9 @@ def test_fold_bn_and_form_rows():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--latency-targets", "1.5"], "--latency-targets"),
+    (["--latency-targets", "1.5"], "must be in (0, 1), got 1.5; e.g. --latency-targets 0.5,0.7"),
+    (["--targets", "2"], "--targets: target_macs must be in (0, 1), got 2.0; e.g. --targets"),
+    (["--ranks", "1", "--energies", "1.5"], "; e.g. --energies 0.5,0.8"),
     (["--latency-targets", "0.5,x"], "--latency-targets must be comma-separated numbers"),
     (["--ranks", "1", "--plan-batch", "0"], "--plan-batch"),
     (["--ranks", "1", "--plan-threads", "0"], "--plan-threads"),
