@@ -25,10 +25,12 @@ import torch
 from torch import fx, nn
 
 from .errors import DecomposeError
+from .fast import RepeatChannels, SumChannelGroups
 from .surgery import replace_module
 
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 _BN = nn.modules.batchnorm._BatchNorm
+_LAYOUT_BRANCHING = (RepeatChannels, SumChannelGroups)
 
 
 def _plain_conv(m: nn.Module) -> bool:
@@ -47,10 +49,13 @@ def _foldable_bn(m: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, with plain convs and BNs as leaves even when their class is the user's."""
+    """fx's tracer, with plain convs and BNs as leaves even when their class is the user's, and
+    the parameter-free channel moves of the dw1 form too (their forward branches on the memory
+    layout, which fx cannot trace)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _plain_conv(m) or _foldable_bn(m) or super().is_leaf_module(m, qualname)
+        return (_plain_conv(m) or _foldable_bn(m) or isinstance(m, _LAYOUT_BRANCHING)
+                or super().is_leaf_module(m, qualname))
 
 
 def _trace(module: nn.Module) -> fx.Graph:

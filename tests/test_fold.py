@@ -184,6 +184,31 @@ def test_folding_then_decoupling_at_full_rank_is_exact():
         assert _rel(model(x), ref) < 1e-4
 
 
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_dw1_form_model_traces_and_folds_exactly(order, channels_last):
+    """dw1's channel moves branch on the memory layout; fx must treat them as leaves."""
+    import decompose
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
+    for bn in (model[1], model[4]):
+        _randomise_bn(bn, g)
+    decompose.decompose_(model, rank=2, order=order, form="dw1", input_shape=(4, 7, 7),
+                         channels_last=channels_last)
+    assert any(type(m).__name__ in ("RepeatChannels", "SumChannelGroups")
+               for m in model.modules())
+    x = torch.randn(2, 4, 7, 7, generator=g)
+    with torch.no_grad():
+        ref = model(x)
+    pairs = fold_batchnorm_(model)
+    # dw-pw ends in the 1x1 conv, which takes the BN; pw-dw's dw1 form ends in a channel sum
+    # that no conv-BN rule covers, so its BNs stay (and nothing may change)
+    assert len(pairs) == (2 if order == "dw-pw" else 0)
+    with torch.no_grad():
+        assert _rel(model(x), ref) < 1e-5
+
+
 @pytest.mark.shared
 @needs_shared
 def test_resnet20_folds_every_bn_and_keeps_its_outputs():
