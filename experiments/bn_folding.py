@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ import decompose
 from decompose.fast import rebuilt_weight
 from decompose.fold import find_conv_bn_pairs, fold_batchnorm_
 from decompose.io import load_model
-from decompose.latency import compare_latency, speedups
+from decompose.latency import CLOCKS, compare_latency, speedups
 
 # ----------------------------------------------------------------------------- settings
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -55,7 +54,6 @@ LAT_REPEATS = 30
 # wall clock, and (with --threads 1) CPU time of the calling thread, which runs every op when
 # torch has one thread: on a shared, overloaded machine the wall-clock median mostly measures
 # how often a run is preempted, the CPU time not.
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def load_pretrained(depth: int) -> nn.Module:

@@ -22,14 +22,13 @@ import argparse
 import copy
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import decompose
 from decompose.export import export_onnx, onnx_latency
-from decompose.latency import speedups
+from decompose.latency import CLOCKS, speedups
 
 # ----------------------------------------------------------------------------- settings
 DEPTHS = (20, 56)
@@ -39,7 +38,6 @@ REPEATS = {1: 60, 64: 20}
 # wall clock, and (with --threads 1) CPU time of the calling thread, which onnxruntime runs the
 # whole graph on when it has one intra-op thread: on a shared, overloaded machine the wall-clock
 # median mostly measures how often a run is preempted (longer runs more often), the CPU time not.
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def dw1_form(model: torch.nn.Module) -> torch.nn.Module:

@@ -122,16 +122,18 @@ def test_cli_exports_both_formats_and_prints_json(tmp_path, model_file):
     assert onnx_out.exists() and ts_out.exists()
 
 
-def test_cli_compare_reports_latency(tmp_path, model_file):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_cli_compare_reports_latency(tmp_path, model_file, clock):
     original = tmp_path / "orig.pt"
     orig = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, 2, 1),
                          nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, groups=2), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
     torch.save(orig, original)
     r = run(["export", str(model_file), "--onnx", str(tmp_path / "m.onnx"), "--compare",
-             str(original), "--repeats", "3", "--threads", "1"])
+             str(original), "--repeats", "3", "--threads", "1", "--clock", clock])
     assert r.exit_code == 0, r.output
     assert "onnxruntime latency, batch 1, 1 intra-op thread(s)" in r.stdout
+    assert f"rounds, {clock} clock" in r.stdout
     assert "vs original" in r.stdout and "decomposed" in r.stdout
 
 
@@ -171,6 +173,9 @@ def test_cli_dynamo_without_onnxscript_says_how_to_install(tmp_path, model_file,
     (["--onnx", "X.onnx", "--batch-size", "two"], "--batch-size must be an integer"),
     (["--onnx", "X.onnx", "--input-shape", "3,a"], "--input-shape must be positive"),
     (["--torchscript", "X.pt", "--compare", "orig.pt"], "give --onnx"),
+    (["--onnx", "X.onnx", "--compare", "orig.pt", "--clock", "cpu"], "add --threads 1"),
+    (["--onnx", "X.onnx", "--compare", "orig.pt", "--clock", "cpu", "--threads", "2"],
+     "add --threads 1"),
 ])
 def test_cli_bad_arguments_fail_in_one_line(tmp_path, model_file, args, needle):
     args = [a.replace("X.", str(tmp_path / "X.")) for a in args]
