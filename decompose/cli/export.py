@@ -7,7 +7,7 @@ import click
 
 from ..errors import DecomposeError
 from ..io import check_writable, load_model
-from ..latency import CLOCKS
+from ..latency import CLOCKS, speedups
 from ..metrics import infer_input_shape
 from ._common import emit, log, model_options, parse_number, parse_shape
 
@@ -170,7 +170,6 @@ def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dyn
                                   batch_size=batch, threads=n_threads, repeats=rounds,
                                   timer=CLOCKS[clock])
         base = lat["original"]
-        from ..latency import speedups
         up = speedups(lat, "original")
         report.latency = {
             "batch_size": batch, "threads": base.threads, "rounds": rounds, "clock": clock,

@@ -86,14 +86,15 @@ def sweep_cmd(model: str, **opts) -> None:
           --calib-samples 512 --data cifar10/test --limit 2000
     """
     from ..metrics import infer_input_shape
-    from ..sweep import sweep, sweep_configs
+    from ..sweep import EXAMPLES, sweep, sweep_configs
     data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
     calib_opts = pop_keys(opts, CALIB_KEYS)
     quiet = opts["quiet"]
-    ranks = parse_list(opts["ranks"], "--ranks", int, "1,2,3")
-    energies = parse_list(opts["energies"], "--energies", float, "0.5,0.8")
-    targets = parse_list(opts["targets"], "--targets", float, "0.3,0.5")
-    latency_targets = parse_list(opts["latency_targets"], "--latency-targets", float, "0.5,0.7")
+    ranks = parse_list(opts["ranks"], "--ranks", int, EXAMPLES["rank"])
+    energies = parse_list(opts["energies"], "--energies", float, EXAMPLES["energy"])
+    targets = parse_list(opts["targets"], "--targets", float, EXAMPLES["target_macs"])
+    latency_targets = parse_list(opts["latency_targets"], "--latency-targets", float,
+                                 EXAMPLES["target_latency"])
     orders = _orders(opts["orders"])
     shape = parse_shape(opts["input_shape"])
     common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]),
