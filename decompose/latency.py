@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +33,18 @@ Timer = Callable[[], float]
 # Clocks for ``timer=``: wall time, or the CPU time of the calling thread (with one thread doing
 # all the work, other processes' load on a shared machine does not inflate it).
 CLOCKS: dict[str, Timer] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+# Environment settings that change CPU latency through the memory allocator: glibc returns
+# blocks above its mmap threshold to the system on free, so large activations can page-fault
+# on every call unless these are set or another allocator is preloaded (docs/speed.md).
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+                 "LD_PRELOAD")
+
+
+def allocator_settings() -> dict[str, str]:
+    """The allocator-related environment variables that are set (empty: glibc's defaults)."""
+    return {k: os.environ[k] for k in ALLOCATOR_ENV if os.environ.get(k)}
 
 
 @dataclass(frozen=True)

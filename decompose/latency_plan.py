@@ -38,7 +38,7 @@ from .config import DecoupleConfig
 from .errors import BudgetError
 from .fast import AUTO_MARGIN, auto_form, estimated_speedup, fast_form
 from .kernel import factorize
-from .latency import Timer, compare_latency, speedups
+from .latency import Timer, allocator_settings, compare_latency, speedups
 from .layers import decouple_conv, is_conv
 
 LatencyFn = Callable[[str, str, nn.Module, torch.Tensor], float]
@@ -87,7 +87,7 @@ class LayerTimer:
             "margin": config.latency_margin, "repeats": REPEATS, "warmup": WARMUP,
             "clock": ("latency_fn" if self.latency_fn else
                       "injected" if timer is not None else "perf_counter"),
-            "input": "random", "median": True}
+            "input": "random", "median": True, "allocator": allocator_settings()}
 
     def input_of(self, name: str) -> torch.Tensor:
         if self._inputs is None:

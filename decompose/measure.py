@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import DecomposeError
 from .fast import is_channels_last, to_channels_last_
-from .latency import compare_latency, speedups
+from .latency import allocator_settings, compare_latency, speedups
 from .plan import LayerPlan
 from .progress import is_quiet, progress
 from .report import Report
@@ -350,7 +350,8 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
            "speedup": whole["speedup"], "batch_size": int(x.shape[0]),
            "threads": whole["threads"], "repeats": repeats, "warmup": warmup,
            "per_layer": bool(per_layer and done),
-           "layout": "channels_last" if decomposed_cl else "as given"}
+           "layout": "channels_last" if decomposed_cl else "as given",
+           "allocator": allocator_settings()}
     for k in ("before_same_layout_ms", "speedup_same_layout"):
         if k in whole:
             out[k] = whole[k]

@@ -152,3 +152,24 @@ def test_cuda_work_is_synchronized_before_each_clock_read(monkeypatch):
 def test_on_cuda_sees_inputs_and_parameters_on_cpu_as_cpu():
     from decompose.latency import _on_cuda
     assert not _on_cuda({"m": torch.nn.Linear(2, 2)}, {"m": (torch.zeros(1), 3)})
+
+
+def test_latency_reports_record_the_allocator_settings(monkeypatch):
+    """glibc's mmap threshold changes CPU timings a lot (docs/speed.md): reports say what was set."""
+    import decompose
+    from decompose.latency import ALLOCATOR_ENV, allocator_settings
+    from decompose.measure import measure_latency
+    for k in ALLOCATOR_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert allocator_settings() == {}
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    assert allocator_settings() == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+    new, rep = decompose.decompose(net, rank=1, input_shape=(3, 12, 12))
+    lat = measure_latency(net, new, rep.layers, torch.randn(2, 3, 12, 12), repeats=2,
+                          per_layer=False)
+    assert lat["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
+    fake = lambda layer, label, module, x: 1.0  # noqa: E731
+    _, rep = decompose.decompose(net, rank=1, input_shape=(3, 12, 12), latency_aware=True,
+                                 latency_fn=fake)
+    assert rep.extra["latency_plan"]["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
