@@ -28,7 +28,7 @@ from paired_gap import SHARED, correct, describe, load, paired
 
 from decompose.data import make_loader
 from decompose.fast import to_channels_last_
-from decompose.latency import compare_latency, speedups
+from decompose.latency import allocator_settings, compare_latency, speedups
 
 TEST = SHARED / "data" / "cifar10" / "test"
 SHIPPED = SHARED / "models" / "cifar-resnet" / "resnet56.th"
@@ -88,6 +88,7 @@ def main() -> None:
         print(f"\n{b} - {a}: {describe(pairs[spec])}")
     args.out.write_text(json.dumps({"rows": rows, "pairs": pairs, "batch": args.batch,
                                     "threads": args.threads, "torch": torch.__version__,
+                                    "allocator": allocator_settings(),
                                     "models": dict(m.partition("=")[::2] for m in args.model),
                                     "minutes": round((time.perf_counter() - t0) / 60, 1)},
                                    indent=1))

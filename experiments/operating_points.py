@@ -36,7 +36,7 @@ import decompose
 from decompose.data import calibration_batches, make_loader
 from decompose.fast import to_channels_last_
 from decompose.io import load_model
-from decompose.latency import compare_latency, speedups
+from decompose.latency import allocator_settings, compare_latency, speedups
 from decompose.measure import cache_batches, evaluate_model, measure_latency
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -158,6 +158,7 @@ def main() -> None:
             "original_cl_speedup": round(vs_nchw["original channels_last"], 2),
             "original_top1": before["top1"], "test_images": before["images"],
             "batch": args.batch, "threads": args.threads, "torch": torch.__version__,
+            "allocator": allocator_settings(),
             "machine": platform.machine(), "minutes": round((time.perf_counter() - t0) / 60, 1)}
     with open(args.out, "w") as f:
         f.write(json.dumps({"meta": meta}) + "\n")
