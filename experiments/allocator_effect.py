@@ -10,8 +10,9 @@ threshold).
 
 Each run is a fresh Python process that times, side by side in one ``compare_latency`` (3
 warm-up calls, 15 interleaved rounds), the shipped ResNet-56 NCHW and channels_last and the
-rank-1 model (every 3x3 conv but the stem) NCHW and channels_last; runs alternate between the
-default allocator settings and the raised thresholds.
+rank-1 model (every 3x3 conv but the stem) NCHW and channels_last, then counts each one's
+minor page faults per forward pass (``getrusage``); runs alternate between the default
+allocator settings and the raised thresholds.
 
     python experiments/allocator_effect.py --runs 3 --threads 1 --batch 64
 """
@@ -29,7 +30,7 @@ TUNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1
 MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar-resnet" / "resnet56.th"
 
 CHILD = r"""
-import copy, json, sys, torch
+import copy, json, resource, sys, torch
 import decompose
 from decompose.fast import to_channels_last_
 from decompose.io import load_model
@@ -46,8 +47,16 @@ x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 nets = {"original": o, "original channels_last": ocl, "T=1": t, "T=1 channels_last": tcl}
 r = compare_latency(nets, x, repeats=15, warmup=3, threads=threads)
 s, s_cl = speedups(r, "original"), speedups(r, "original channels_last")
+faults = {}
+with torch.inference_mode():
+    for k, m in nets.items():  # minor page faults per forward pass, after the timing
+        a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            m(x)
+        faults[k] = round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a) / 5)
 print(json.dumps({k: {"ms": round(v.median_ms, 1), "vs_original": round(s[k], 2),
-                      "vs_original_cl": round(s_cl[k], 2)} for k, v in r.items()}))
+                      "vs_original_cl": round(s_cl[k], 2), "page_faults": faults[k]}
+                  for k, v in r.items()}))
 """
 
 
@@ -70,7 +79,8 @@ def main() -> None:
             res = json.loads(out.strip().splitlines()[-1])
             rows.append({"run": i + 1, "malloc": setting, **res})
             print(f"run {i + 1}, {setting}: " + "; ".join(
-                f"{k} {v['ms']} ms ({v['vs_original']}x / {v['vs_original_cl']}x)"
+                f"{k} {v['ms']} ms ({v['vs_original']}x / {v['vs_original_cl']}x, "
+                f"{v['page_faults']} page faults per pass)"
                 for k, v in res.items()), flush=True)
     args.out.write_text(json.dumps({"rows": rows, "threads": args.threads,
                                     "batch": args.batch, "tuned_env": TUNED}, indent=1))
