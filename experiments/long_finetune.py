@@ -19,7 +19,7 @@ still rising. This script runs many more epochs where a GPU is lent, with a fair
 
 Writes to --out: ``resnet56_t1.finetuned.pt`` and ``resnet56_control.finetuned.pt`` (loadable
 with ``decompose.io.load_model``), the two per-epoch logs and ``result.json``. Clock speed is
-measured separately, on the CPU, with ``operating_points.py --finetuned ...``.
+measured separately, on the CPU, with ``finetuned_points.py``.
 """
 
 from __future__ import annotations
