@@ -11,7 +11,9 @@ paired ratios). ``--pair A:B`` prints the paired per-image comparison of two mod
         --model control=/tmp/gpu1/resnet56_control.finetuned.pt \\
         --model t1=/tmp/gpu1/resnet56_t1.finetuned.pt --pair shipped:t1 --pair control:t1
 
-The shipped original is always included as ``shipped``.
+The shipped original is always included as ``shipped``. Scoring runs first, in batches of 500,
+which raises glibc's dynamic mmap threshold before the timing: the times are those of a warm
+process (``allocator_effect.py`` and docs/speed.md, "The memory allocator").
 """
 
 from __future__ import annotations
