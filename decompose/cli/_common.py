@@ -186,10 +186,16 @@ def build_options(f: Callable) -> Callable:
     return f
 
 
+def build_fields(fold_bn=False, form="plain", latency_aware=False, plan_batch=1,
+                 plan_threads=None, channels_last=False, allocation="kernel") -> dict:
+    """DecoupleConfig fields from :func:`build_options`' values (flag names -> field names)."""
+    return dict(fold_bn=fold_bn, form=form, latency_aware=latency_aware,
+                latency_batch=plan_batch, threads=plan_threads, channels_last=channels_last,
+                allocation=allocation)
+
+
 def config_from_options(rank, energy, target_macs, target_params, order, include, exclude,
-                        input_shape, fold_bn=False, target_latency=None, form="plain",
-                        latency_aware=False, plan_batch=1, plan_threads=None,
-                        channels_last=False, allocation="kernel", **extra):
+                        input_shape, target_latency=None, **build):
     from ..config import DecoupleConfig
     return DecoupleConfig(
         rank=parse_number(rank, "--rank", int, "1"),
@@ -197,16 +203,16 @@ def config_from_options(rank, energy, target_macs, target_params, order, include
         target_macs=parse_number(target_macs, "--target-macs", float, "0.5"),
         target_params=parse_number(target_params, "--target-params", float, "0.5"),
         order=order, include=tuple(include), exclude=tuple(exclude),
-        input_shape=parse_shape(input_shape), fold_bn=fold_bn,
+        input_shape=parse_shape(input_shape),
         target_latency=parse_number(target_latency, "--target-latency", float, "0.5"),
-        form=form, latency_aware=latency_aware, latency_batch=plan_batch,
-        threads=plan_threads, channels_last=channels_last, allocation=allocation, **extra)
+        **build_fields(**build))
 
 
 def pop_keys(d: dict, keys: list[str]) -> dict:
     return {k: d.pop(k) for k in keys if k in d}
 
 
+BUILD_KEYS = ["fold_bn", "form", "latency_aware", "plan_batch", "plan_threads", "channels_last",
+              "allocation"]
 RANK_KEYS = ["rank", "energy", "target_macs", "target_params", "order", "include", "exclude",
-             "input_shape", "fold_bn", "target_latency", "form", "latency_aware", "plan_batch",
-             "plan_threads", "channels_last", "allocation"]
+             "input_shape", "target_latency", *BUILD_KEYS]

@@ -6,7 +6,16 @@ import click
 
 from ..io import load_model
 from ..progress import quiet_progress
-from ._common import build_options, emit, log, model_options, parse_shape, pop_keys
+from ._common import (
+    BUILD_KEYS,
+    build_fields,
+    build_options,
+    emit,
+    log,
+    model_options,
+    parse_shape,
+    pop_keys,
+)
 from ._measure import (
     CALIB_KEYS,
     DATA_KEYS,
@@ -98,16 +107,12 @@ def sweep_cmd(model: str, **opts) -> None:
     orders = _orders(opts["orders"])
     shape = parse_shape(opts["input_shape"])
     common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]),
-                  fold_bn=opts["fold_bn"], form=opts["form"],
-                  latency_aware=opts["latency_aware"], latency_batch=opts["plan_batch"],
-                  threads=opts["plan_threads"], channels_last=opts["channels_last"],
-                  allocation=opts["allocation"])
-    if opts["allocation"] == "output" and not calib_opts["calib_dir"]:
+                  latency_targets=latency_targets,
+                  **build_fields(**pop_keys(opts, BUILD_KEYS)))
+    if common["allocation"] == "output" and not calib_opts["calib_dir"]:
         raise click.BadParameter("output errors are measured on calibration images: add "
                                  "--calibrate DIR", param_hint="--allocate")
-    rules = dict(latency_targets=latency_targets)
-    sweep_configs(ranks, energies, targets, orders, input_shape=shape, **rules,
-                  **common)  # validate
+    sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)  # validate
     if opts["plot_dir"]:
         from ..plots import require_matplotlib
         require_matplotlib()
@@ -124,8 +129,7 @@ def sweep_cmd(model: str, **opts) -> None:
                 _, source = infer_input_shape(loaded.model, None, loaded.meta)
                 if source == "default":
                     shape = tuple(batches[0][0].shape[1:])
-        configs = sweep_configs(ranks, energies, targets, orders, input_shape=shape, **rules,
-                                **common)
+        configs = sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)
         log(f"{len(configs)} settings" + (f", each calibrated on {calib_opts['calib_samples']} "
                                           f"images from {calib_opts['calib_dir']}"
                                           if calib is not None else ""), quiet)
