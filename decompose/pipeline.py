@@ -35,7 +35,8 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
               calibration: Iterable[Any] | None = None, calib_samples: int = 512,
               refit_depthwise: bool = True, original: nn.Module | None = None,
               meta: dict | None = None, progress: bool = True, timer: Any = None,
-              latency_fn: Any = None, allocation_samples: int = ALLOCATION_SAMPLES) -> Report:
+              latency_fn: Any = None, allocation_samples: int = ALLOCATION_SAMPLES,
+              error_curves: dict | None = None) -> Report:
     """Decouple ``model`` in place with ``config`` and, given calibration images, refit the
     decoupled layers to the original's layer outputs (no labels); return the report.
 
@@ -61,6 +62,9 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
         allocation_samples: with ``config.allocation == "output"``, the budget's output errors
             are measured on the first this many calibration images
             (:func:`decompose.sensitivity.output_error_curves`). Default 128.
+        error_curves: those output errors, already measured by :func:`measure_curves` on
+            ``original`` with the same ``fold_bn``, ``include`` and ``exclude`` (a sweep
+            measures them once for all its settings); None measures them here when needed.
     """
     config = config or DecoupleConfig()
     if calibration is not None and original is None:
@@ -69,7 +73,8 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
     measured_on = min(allocation_samples, calib_samples)
     if config.allocation == "output" and calibration is not None:  # original is set here
         calibration = reusable_batches(calibration, calib_samples)
-        curves = _measure_curves(original, config, calibration, measured_on)
+        curves = (error_curves if error_curves is not None else
+                  measure_curves(original, config, calibration, measured_on))
     report = api.decompose_(model, config, meta=meta, timer=timer, latency_fn=latency_fn,
                             error_curves=curves)
     if curves is not None:
@@ -105,8 +110,10 @@ def reusable_batches(batches: Any, samples: int) -> Any:
     return kept
 
 
-def _measure_curves(original: nn.Module, config: DecoupleConfig, batches: list[Any],
-                    samples: int) -> dict:
+def measure_curves(original: nn.Module, config: DecoupleConfig, batches: list[Any],
+                   samples: int) -> dict:
+    """Output-error curves of ``original`` for ``config``'s layers, on its folded kernels when
+    ``config.fold_bn`` (what the plan decouples); they depend on nothing else in ``config``."""
     from .sensitivity import output_error_curves
     model = original
     if config.fold_bn:  # the plan decouples the folded kernels: measure those
@@ -116,4 +123,4 @@ def _measure_curves(original: nn.Module, config: DecoupleConfig, batches: list[A
     return output_error_curves(model, batches, config=config, samples=samples)
 
 
-__all__ = ["ALLOCATION_SAMPLES", "compress_", "reusable_batches"]
+__all__ = ["ALLOCATION_SAMPLES", "compress_", "measure_curves", "reusable_batches"]

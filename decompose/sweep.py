@@ -45,7 +45,7 @@ from .measure import (
     measure_latency,
     sqnr_db,
 )
-from .pipeline import compress_, reusable_batches
+from .pipeline import ALLOCATION_SAMPLES, compress_, measure_curves, reusable_batches
 from .progress import is_quiet, progress
 from .report import Report
 
@@ -58,8 +58,7 @@ SHORT = {"rank": "T", "energy": "E", "target_macs": "MACs", "target_latency": "l
 COLUMNS = ["setting", "rule", "value", "order", "layers_decomposed", "macs_ratio",
            "params_ratio", "decomposed_macs_ratio", "mean_kernel_error", "top1", "top5",
            "drop_top1", "sqnr_db", "before_ms", "after_ms", "speedup", "speedup_same_layout",
-           "calibrated",
-           "calib_seconds", "predicted_latency_fraction"]
+           "calibrated", "calib_seconds", "predicted_latency_fraction"]
 
 
 def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
@@ -271,15 +270,23 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
     x_lat, kind = latency_input(model, shape, latency_batch, batches) if latency else (None, "")
     rows = []
     lat_info: dict[str, Any] = {}
+    curves: dict[tuple, dict] = {}  # output errors depend on the model and these fields only
     for config in progress(configs, desc="sweep", unit="setting", quiet=quiet):
         label, rule, value = _label(config)
         new = copy.deepcopy(model)
         try:
+            known = None
+            if config.allocation == "output" and calibration is not None:
+                key = (config.fold_bn, config.include, config.exclude)
+                if key not in curves:
+                    curves[key] = measure_curves(model, config, calibration,
+                                                 min(ALLOCATION_SAMPLES, calib_samples))
+                known = curves[key]
             report: Report = compress_(new, config, calibration=calibration,
                                        calib_samples=calib_samples,
                                        refit_depthwise=refit_depthwise, original=model,
                                        meta=meta, progress=not is_quiet(quiet), timer=timer,
-                                       latency_fn=latency_fn)
+                                       latency_fn=latency_fn, error_curves=known)
         except BudgetError as e:  # unreachable budget: say so in its row and go on
             rows.append({**dict.fromkeys(COLUMNS), "setting": label, "rule": rule,
                          "value": value, "order": config.order, "layers_decomposed": 0,

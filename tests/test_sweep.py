@@ -241,3 +241,27 @@ def test_fold_bn_and_form_rows():
 ])
 def test_cli_sweep_new_flags_bad_values_are_one_line(tmp_path, args, needle):
     _one_line_error(tmp_path, args, needle)
+
+
+def test_output_errors_are_measured_once_for_all_budget_settings(monkeypatch):
+    """They depend on the model, fold_bn, include and exclude only: one measurement serves
+    every budget and order of a sweep, and the rows equal separate compress_ calls."""
+    import decompose.sensitivity as sens
+    calls = []
+    real = sens.output_error_curves
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(sens, "output_error_curves", counting)
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(2)]
+    cfgs = sweep_configs(targets=[0.4, 0.6], orders=["auto", "dw-pw"], allocation="output")
+    res = sweep(tiny_classifier(), cfgs, latency=False, quiet=True, calibration=calib,
+                calib_samples=32)
+    assert len(calls) == 1 and len(res.rows) == 4
+    for cfg, row in zip(cfgs, res.rows):
+        alone = decompose.compress_(tiny_classifier(), cfg, calibration=calib, calib_samples=32,
+                                    progress=False)
+        assert {k: tuple(v) for k, v in row["ranks"].items()} == {
+            lp.name: (lp.order, lp.rank) for lp in alone.decomposed}
