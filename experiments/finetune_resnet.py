@@ -145,28 +145,37 @@ def load_resnet56() -> torch.nn.Module:
     return load_model(CHECKPOINT, arch="decompose.models.cifar_resnet:resnet56").model.eval()
 
 
+def train_step_seconds(net, teacher, x, y, *, steps: int, warmup: int) -> float:
+    """Median wall time of one training step of a copy of ``net`` (the teacher's forward
+    included, the training form ``finetune`` uses) on ``x``/``y``'s device, after ``warmup``
+    untimed steps; CUDA is synchronised around each step."""
+    device = x.device
+    net = copy.deepcopy(net).to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    with dense_training(net, "auto", device):
+        for _ in range(warmup + steps):
+            sync()
+            t = time.perf_counter()
+            with torch.no_grad():
+                teacher(x)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync()
+            times.append(time.perf_counter() - t)
+    timed = sorted(times[warmup:])
+    return timed[len(timed) // 2]
+
+
 def estimate_minutes(student, teacher, args, with_control: bool, with_student: bool = True
                      ) -> float:
     """Time 3 training steps (after one warm-up) of the student with the teacher's forward, and
     of the control; add forward passes for the scoring of every epoch and the baselines."""
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
-
-    def step_seconds(net) -> float:
-        net = copy.deepcopy(net).train()
-        opt = torch.optim.SGD(net.parameters(), lr=0.0)
-        times = []
-        with dense_training(net, "auto", torch.device("cpu")):
-            for _ in range(4):
-                t = time.time()
-                with torch.no_grad():
-                    teacher(x)
-                loss = F.cross_entropy(net(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                times.append(time.time() - t)
-        return sorted(times[1:])[1]
 
     def forward_seconds(net) -> float:
         with torch.no_grad():
@@ -175,7 +184,8 @@ def estimate_minutes(student, teacher, args, with_control: bool, with_student: b
             net(x)
             return time.time() - t
 
-    s_step, c_step = step_seconds(student), step_seconds(teacher)
+    s_step = train_step_seconds(student, teacher, x, y, steps=3, warmup=1)
+    c_step = train_step_seconds(teacher, teacher, x, y, steps=3, warmup=1)
     s_fwd, t_fwd = forward_seconds(student), forward_seconds(teacher)
     print(f"timing, batch {args.batch_size}: training step {s_step:.2f} s decomposed (teacher "
           f"forward included), {c_step:.2f} s control; forward {s_fwd:.2f} s decomposed, "

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from finetune_resnet import train_step_seconds
 from torch.utils.data import Subset
 
 import decompose
@@ -104,7 +104,7 @@ def main() -> None:
     say(f"calibrated on {cal.samples} images in {cal.seconds:.1f} s")
 
     device = torch.device(args.device)
-    epochs = args.epochs or epochs_for(student, teacher, args, device, len(rest), len(held), say)
+    epochs = args.epochs or epochs_for(student, teacher, args, device, len(rest), say)
     cfg = FinetuneConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
                          warmup_epochs=min(args.warmup_epochs, epochs / 2),
                          kd_weight=args.kd_weight, device=args.device, seed=0,
@@ -146,41 +146,19 @@ def _on(batches, device):
     return [(x.to(device), y.to(device)) for x, y in batches]
 
 
-def epochs_for(student, teacher, args, device, n_train: int, n_val: int, say) -> int:
+def epochs_for(student, teacher, args, device, n_train: int, say) -> int:
     """Time training steps of both runs on random data (after warm-up); add a third for data
     loading and scoring; the epochs both runs fit in ``--minutes``."""
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     teacher = teacher.to(device)
-
-    def step(net) -> float:
-        net = copy.deepcopy(net).to(device).train()
-        opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
-        times = []
-        for _ in range(12):
-            _sync(device)
-            t = time.perf_counter()
-            with torch.no_grad():
-                teacher(x)
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        return sorted(times[2:])[len(times[2:]) // 2]
-
-    s, c = step(student), (0.0 if args.no_control else step(teacher))
+    s = train_step_seconds(student, teacher, x, y, steps=10, warmup=2)
+    c = 0.0 if args.no_control else train_step_seconds(teacher, teacher, x, y, steps=10, warmup=2)
     per_epoch = math.ceil(n_train / args.batch_size) * (s + c) * 4 / 3
     epochs = max(1, min(args.max_epochs, int(args.minutes * 60 / per_epoch)))
     say(f"probe: training step {s * 1e3:.1f} ms rank-1, {c * 1e3:.1f} ms control (batch "
         f"{args.batch_size}); about {per_epoch:.1f} s per epoch of both -> {epochs} epochs")
     return epochs
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
