@@ -13,20 +13,14 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
+from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose.data import calibration_batches, make_loader
-from decompose.io import load_model
 from decompose.measure import cache_batches, evaluate_model
 from decompose.pipeline import compress_
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MODEL = SHARED / "models" / "cifar-resnet" / "resnet56.th"
-ARCH = "decompose.models.cifar_resnet:resnet56"
-TRAIN, TEST = SHARED / "data" / "cifar10" / "train", SHARED / "data" / "cifar10" / "test"
 
 
 def main() -> None:
@@ -37,7 +31,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    original = load_model(MODEL, arch=ARCH).model.eval()
+    original = load_resnet56()
     test = cache_batches(make_loader(TEST, batch_size=256, limit=args.test_images, seed=0),
                          quiet=True)
     calib = list(calibration_batches(TRAIN, n_samples=args.calib_images))

@@ -26,8 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _paths import RESNET56
+
 TUNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar-resnet" / "resnet56.th"
 
 CHILD = r"""
 import copy, json, resource, sys, torch
@@ -74,7 +75,7 @@ def main() -> None:
             if setting != "default":
                 env.update(TUNED)
             out = subprocess.run([sys.executable, "-c", CHILD, str(args.threads), str(args.batch),
-                                  str(MODEL)], env=env, capture_output=True, text=True,
+                                  str(RESNET56)], env=env, capture_output=True, text=True,
                                  check=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
             rows.append({"run": i + 1, "malloc": setting, **res})

@@ -24,17 +24,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose._train_form import dense_training
 from decompose.data import calibration_batches, make_loader
 from decompose.finetune import FinetuneConfig, FinetuneReport, finetune, finetune_control
-from decompose.io import load_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 # ---- the recorded settings (docs/finetune.md) --------------------------------------------------
-CHECKPOINT = SHARED / "models" / "cifar-resnet" / "resnet56.th"
-TRAIN, TEST = SHARED / "data" / "cifar10" / "train", SHARED / "data" / "cifar10" / "test"
 TARGET_MACS = 0.33     # decomposed layers keep 1/3 of their multiply-adds (ranks: global budget)
 TRAIN_IMAGES = 2000    # seeded random subset of the 50k training JPEGs
 TEST_IMAGES = 2000     # seeded random subset of the 10k test JPEGs (selection and report)
@@ -138,11 +135,6 @@ def main() -> None:
            "estimated_minutes": round(est, 1), "calibration_images": args.calibrate}
     (work / "result.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {work / 'result.json'}; total {out['wall_minutes']} min")
-
-
-def load_resnet56() -> torch.nn.Module:
-    """The shipped weights, through the safe loader the CLI uses."""
-    return load_model(CHECKPOINT, arch="decompose.models.cifar_resnet:resnet56").model.eval()
 
 
 def train_step_seconds(net, teacher, x, y, *, steps: int, warmup: int) -> float:

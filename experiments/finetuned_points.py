@@ -26,14 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from paired_gap import SHARED, correct, describe, load, paired
+from _paths import RESNET56, TEST
+from paired_gap import correct, describe, load, paired
 
 from decompose.data import make_loader
 from decompose.fast import to_channels_last_
 from decompose.latency import allocator_settings, compare_latency, speedups
-
-TEST = SHARED / "data" / "cifar10" / "test"
-SHIPPED = SHARED / "models" / "cifar-resnet" / "resnet56.th"
 
 
 def decoupled(model: torch.nn.Module) -> bool:
@@ -51,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    models = {"shipped": load(str(SHIPPED))}
+    models = {"shipped": load(str(RESNET56))}
     for spec in args.model:
         name, _, path = spec.partition("=")
         models[name] = load(path)

@@ -19,13 +19,10 @@ import statistics
 from pathlib import Path
 
 import torch
+from _paths import RESNET56, load_resnet56
 
 import decompose
 from decompose.fast import to_channels_last_
-from decompose.io import load_model
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-ARCH = "decompose.models.cifar_resnet:resnet56"
 
 
 def models(original: torch.nn.Module, channels_last: bool) -> dict[str, torch.nn.Module]:
@@ -72,7 +69,7 @@ def time_all(nets: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, ite
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path,
-                    default=SHARED / "models" / "cifar-resnet" / "resnet56.th")
+                    default=RESNET56)
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--iters", type=int, default=20)
@@ -82,7 +79,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: this benchmark is for GPUs (speed_resnet56.py is the "
                          "CPU one)")
     torch.backends.cudnn.benchmark = True
-    original = load_model(args.model, arch=ARCH).model.eval()
+    original = load_resnet56(args.model)
     rows = []
     for cl in (False, True):
         nets = {k: v.cuda() for k, v in models(original, cl).items()}

@@ -23,18 +23,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _paths import load_resnet56
 
 import decompose
 from decompose.export import export_onnx, onnx_latency
 from decompose.fast import to_channels_last_
-from decompose.io import load_model
 from decompose.latency import compare_latency
 from decompose.measure import capture_inputs
 from decompose.metrics import count_macs
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MODEL = SHARED / "models" / "cifar-resnet" / "resnet56.th"
-ARCH = "decompose.models.cifar_resnet:resnet56"
 RUNTIMES = ("eager NCHW", "eager channels_last", "onnxruntime")
 
 
@@ -68,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/layer_ratio.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    original = load_model(MODEL, arch=ARCH).model.eval()
+    original = load_resnet56()
     model = copy.deepcopy(original)
     rep = decompose.decompose_(model, rank=1, exclude=("conv1",), input_shape=(3, 32, 32))
     names = [lp.name for lp in rep.decomposed]

@@ -32,23 +32,20 @@ import time
 from pathlib import Path
 
 import torch
+from _paths import RESNET56, SHARED, load_resnet56
 from finetune_resnet import train_step_seconds
 from torch.utils.data import Subset
 
 import decompose
 from decompose.data import calibration_batches, make_loader
 from decompose.finetune import FinetuneConfig, finetune
-from decompose.io import load_model
 from decompose.measure import cache_batches, evaluate_model
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-ARCH = "decompose.models.cifar_resnet:resnet56"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path,
-                    default=SHARED / "models" / "cifar-resnet" / "resnet56.th")
+                    default=RESNET56)
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10",
                     help="folder with train/ and test/ class folders")
     ap.add_argument("--device", default="cuda")
@@ -81,9 +78,7 @@ def main() -> None:
         print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {msg}", flush=True)
 
     train_dir, test_dir = args.data / "train", args.data / "test"
-    # the shipped .th is a bare state dict; a file decompose wrote (a fine-tuned control) is not
-    teacher = load_model(args.model, arch=ARCH if args.model.suffix == ".th" else None
-                         ).model.eval()
+    teacher = load_resnet56(args.model)  # the shipped .th, or a fine-tuned control (.pt)
     student = copy.deepcopy(teacher)
     rep = decompose.decompose_(student, rank=1, exclude=("conv1",), input_shape=(3, 32, 32))
     tot = rep.totals

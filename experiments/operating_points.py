@@ -28,21 +28,15 @@ import copy
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
+from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose.data import calibration_batches, make_loader
 from decompose.fast import to_channels_last_
-from decompose.io import load_model
 from decompose.latency import allocator_settings, compare_latency, speedups
 from decompose.measure import cache_batches, evaluate_model, measure_latency
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MODEL = SHARED / "models" / "cifar-resnet" / "resnet56.th"
-ARCH = "decompose.models.cifar_resnet:resnet56"
-TRAIN, TEST = SHARED / "data" / "cifar10" / "train", SHARED / "data" / "cifar10" / "test"
 
 
 def settings(batch: int, threads: int, latency_targets: dict[bool, list[float]]):
@@ -81,7 +75,7 @@ def main() -> None:
     def say(msg: str) -> None:
         print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {msg}", flush=True)
 
-    original = load_model(MODEL, arch=ARCH).model.eval()
+    original = load_resnet56()
     original_cl = copy.deepcopy(original)
     to_channels_last_(original_cl)
     test = cache_batches(make_loader(TEST, batch_size=256, limit=args.test_images, seed=0),

@@ -13,27 +13,20 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
+from _paths import TEST, load_resnet56
 
 from decompose.data import make_loader
-from decompose.io import load_model
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-ARCH = "decompose.models.cifar_resnet:resnet56"
-TEST = SHARED / "data" / "cifar10" / "test"
 
 
 def load(path: str) -> torch.nn.Module:
-    if path.endswith(".th"):  # a shipped state dict
-        return load_model(path, arch=ARCH).model.eval()
     if path.endswith(".ckpt"):
         ck = torch.load(path, weights_only=True)
-        model = load_model(SHARED / "models" / "cifar-resnet" / "resnet56.th", arch=ARCH).model
+        model = load_resnet56()
         model.load_state_dict(ck["best_state"] if ck.get("best_state") else ck["model"])
         return model.eval()
-    return load_model(path).model.eval()
+    return load_resnet56(path)  # the shipped .th, or a file decompose wrote
 
 
 def correct(model: torch.nn.Module, loader) -> torch.Tensor:

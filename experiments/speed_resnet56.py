@@ -24,15 +24,12 @@ import platform
 import time
 
 import torch
+from _paths import load_resnet56
 
 import decompose
 from decompose.fast import form_name
-from decompose.io import load_model
 from decompose.latency import compare_latency, speedups
 from decompose.measure import capture_inputs
-
-MODEL = "../shared/models/cifar-resnet/resnet56.th"
-ARCH = "decompose.models.cifar_resnet:resnet56"
 
 
 def variants():
@@ -74,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    base = load_model(MODEL, arch=ARCH).model.eval()
+    base = load_resnet56()
     x0 = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     rows = []
     for layout in args.layouts.split(","):
