@@ -13,13 +13,13 @@ Public API::
 """
 
 from .api import apply_plan, decompose, decompose_, finalize_forms_, plain_forms_, plan
-from .calibrate import CalibrationReport, calibrate_
 from .config import DecoupleConfig
 from .errors import DecomposeError
-from .finetune import FinetuneConfig, FinetuneResult, finetune
-from .io import load, load_model, save_model
-from .layers import decouple_conv, is_decoupled
+from .io.files import load, load_model, save_model
+from .methods.nd.layers import decouple_conv, is_decoupled
 from .pipeline import compress_
+from .recover.calibrate import CalibrationReport, calibrate_
+from .recover.finetune.loop import FinetuneConfig, FinetuneResult, finetune
 from .report import Report
 
 __version__ = "0.1.0"

@@ -18,14 +18,14 @@ from typing import Any
 from torch import nn
 
 from .config import DecoupleConfig
+from .engine.fold import fold_batchnorm_
+from .engine.surgery import replace_module
+from .engine.trace import infer_input_shape, macs_from_trace, param_count, trace
 from .errors import DecomposeError
-from .fast import fast_form, is_channels_last, to_channels_last_, to_plain
-from .fold import fold_batchnorm_
-from .layers import decouple_conv, decoupled_form, is_decoupled
-from .metrics import infer_input_shape, macs_from_trace, param_count, trace
-from .plan import FilterFn, LayerPlan, make_plan
+from .methods.nd.forms import fast_form, is_channels_last, to_channels_last_, to_plain
+from .methods.nd.layers import decouple_conv, decoupled_form, is_decoupled
+from .planning.plan import FilterFn, LayerPlan, make_plan
 from .report import Report, totals
-from .surgery import replace_module
 
 
 def _resolve(config: DecoupleConfig | None, kwargs: dict[str, Any]) -> DecoupleConfig:
@@ -53,7 +53,7 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
         latency_fn: ``latency_fn(layer, label, module, x) -> ms`` replaces those timings
             (see :mod:`decompose.latency_plan`).
         error_curves: measured output errors for ``allocation="output"``
-            (:func:`decompose.sensitivity.output_error_curves` on this model, BatchNorms
+            (:func:`decompose.planning.sensitivity.output_error_curves` on this model, BatchNorms
             folded first when ``fold_bn``); :func:`decompose.compress_` measures them for you.
     """
     config = _resolve(config, kwargs)
@@ -71,7 +71,7 @@ def plan(model: nn.Module, config: DecoupleConfig | None = None, *,
     shapes = trace(model, shape)
     timing = None
     if config.timed:
-        from .latency_plan import LayerTimer
+        from .planning.timing import LayerTimer
         timing = LayerTimer(model, config, shape, timer=timer, latency_fn=latency_fn)
     layers = make_plan(model, config, shape, filter_fn, shapes, timing=timing,
                        error_curves=error_curves)

@@ -53,7 +53,7 @@ class DecoupleConfig:
         form: how a decoupled layer is built (docs/speed.md): ``"plain"`` (conv_dw with channel
             multiplier T, conv_pw; default), ``"dw1"`` (channel multiplier 1 via a channel
             repeat / grouped sum; fast on wide layers), ``"auto"`` (the cost-model rule of
-            :func:`decompose.fast.auto_form`), ``"fastest"`` (time the forms of each layer and
+            :func:`decompose.methods.nd.forms.auto_form`), ``"fastest"`` (time the forms of each layer and
             build the fastest). A layer whose best form would be the dense conv is kept original.
         latency_aware: time every decoupled layer against its original conv on the input it
             receives (random input of ``input_shape`` at batch ``latency_batch``) and keep the

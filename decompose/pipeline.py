@@ -61,7 +61,7 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
         timer, latency_fn: the planner's clock, as in :func:`decompose.plan` (tests).
         allocation_samples: with ``config.allocation == "output"``, the budget's output errors
             are measured on the first this many calibration images
-            (:func:`decompose.sensitivity.output_error_curves`). Default 128.
+            (:func:`decompose.planning.sensitivity.output_error_curves`). Default 128.
         error_curves: those output errors, already measured by :func:`measure_curves` on
             ``original`` with the same ``fold_bn``, ``include`` and ``exclude`` (a sweep
             measures them once for all its settings); None measures them here when needed.
@@ -81,7 +81,7 @@ def compress_(model: nn.Module, config: DecoupleConfig | None = None, *,
         report.extra["allocation"] = {"errors": "relative output error", "images": measured_on}
     if calibration is None or not report.decomposed:
         return report
-    from .calibrate import calibrate_
+    from .recover.calibrate import calibrate_
     api.plain_forms_(model)  # calibration fits the plain form ...
     cal = calibrate_(model, original, calibration, samples=calib_samples,
                      refit_depthwise=refit_depthwise, progress=progress)
@@ -114,10 +114,10 @@ def measure_curves(original: nn.Module, config: DecoupleConfig, batches: list[An
                    samples: int) -> dict:
     """Output-error curves of ``original`` for ``config``'s layers, on its folded kernels when
     ``config.fold_bn`` (what the plan decouples); they depend on nothing else in ``config``."""
-    from .sensitivity import output_error_curves
+    from .planning.sensitivity import output_error_curves
     model = original
     if config.fold_bn:  # the plan decouples the folded kernels: measure those
-        from .fold import fold_batchnorm_
+        from .engine.fold import fold_batchnorm_
         model = copy.deepcopy(original)
         fold_batchnorm_(model)
     return output_error_curves(model, batches, config=config, samples=samples)

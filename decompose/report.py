@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .plan import LayerPlan
+from .planning.plan import LayerPlan
 
 
 @dataclass

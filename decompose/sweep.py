@@ -35,7 +35,7 @@ from torch import nn
 from . import api
 from .config import BUDGETS, DecoupleConfig
 from .errors import BudgetError, DecomposeError
-from .measure import (
+from .measure.compare import (
     accuracy_dict,
     check_input_shape,
     eval_mode,
@@ -214,11 +214,11 @@ def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
     Args:
         model: the original model.
         configs: e.g. from :func:`sweep_configs`.
-        batches: labelled batches in memory (:func:`decompose.measure.cache_batches`); None
+        batches: labelled batches in memory (:func:`decompose.measure.compare.cache_batches`); None
             leaves top-1 and SQNR out.
         meta: what the model's file recorded (for the input shape).
         latency: time every setting against the original (whole model). Default True.
-        latency_batch, repeats, threads: as in :func:`decompose.measure.measure_latency`.
+        latency_batch, repeats, threads: as in :func:`decompose.measure.compare.measure_latency`.
         error_images: images for the output SQNR. Default 256.
         calibration: unlabeled input batches; each decoupled setting is then calibrated against
             ``model`` (:func:`decompose.pipeline.compress_`) before it is measured. A one-shot

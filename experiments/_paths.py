@@ -15,6 +15,6 @@ TRAIN, TEST = SHARED / "data" / "cifar10" / "train", SHARED / "data" / "cifar10"
 def load_resnet56(path: str | Path = RESNET56):
     """The shipped ResNet-56 (a bare state dict, so ``arch`` is given), through the safe loader
     the CLI uses; a file decompose wrote (``.pt``) loads without it. In eval mode."""
-    from decompose.io import load_model
+    from decompose.io.files import load_model
     path = Path(path)
     return load_model(path, arch=ARCH56 if path.suffix == ".th" else None).model.eval()

@@ -19,7 +19,7 @@ from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose.data import calibration_batches, make_loader
-from decompose.measure import cache_batches, evaluate_model
+from decompose.measure.compare import cache_batches, evaluate_model
 from decompose.pipeline import compress_
 
 

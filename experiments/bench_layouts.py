@@ -1,6 +1,6 @@
 """Which exact form of a decoupled conv is fast on this CPU, in PyTorch eager? (issue 5)
 
-A rank-T decoupled layer (decompose.layers.decouple_conv) can be computed in many exactly
+A rank-T decoupled layer (decompose.methods.nd.layers.decouple_conv) can be computed in many exactly
 equivalent ways. This script times them side by side against the dense conv they replace, per
 layer shape, order and T, then end to end on a CIFAR ResNet-56, and writes the tables into
 docs/layouts.md (between the markers; the prose around them is kept).
@@ -11,7 +11,7 @@ docs/layouts.md (between the markers; the prose around them is kept).
 
 Every number is a speed-up over the dense NCHW conv of the same shape (> 1 = faster), the median
 over rounds of the paired ratio, all forms of one row timed interleaved in one process
-(decompose.latency.compare_latency). The machine is shared: only ratios within a row mean much.
+(decompose.measure.clock.compare_latency). The machine is shared: only ratios within a row mean much.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decompose.fast import auto_form, estimated_speedup, fast_form
-from decompose.latency import compare_latency, speedups
-from decompose.layers import decouple_conv
+from decompose.engine.surgery import replace_module
+from decompose.measure.clock import compare_latency, speedups
+from decompose.methods.nd.forms import auto_form, estimated_speedup, fast_form
+from decompose.methods.nd.layers import decouple_conv
 from decompose.models.cifar_resnet import resnet56
-from decompose.surgery import replace_module
 
 # ----------------------------------------------------------------------------------------------
 # settings

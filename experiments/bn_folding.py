@@ -14,7 +14,7 @@ Both are data-free (no refit). What is measured:
     ||s*W - s*W_T|| / ||s*W|| for unfolded and ||W' - W'_T|| / ||W'|| for folded, as the RMS over
     decoupled layers. The folded SVD minimises exactly this, so it can only be lower or equal;
   * eager PyTorch latency, original / folded / decoupled / decoupled+folded, interleaved in one
-    process (decompose.latency.compare_latency: alternating rounds, median).
+    process (decompose.measure.clock.compare_latency: alternating rounds, median).
 
     python experiments/bn_folding.py                   # everything (~30 minutes on 2 busy cores)
     python experiments/bn_folding.py --depth 20 --no-latency
@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 import decompose
-from decompose.fast import rebuilt_weight
-from decompose.fold import find_conv_bn_pairs, fold_batchnorm_
-from decompose.io import load_model
-from decompose.latency import CLOCKS, compare_latency, speedups
+from decompose.engine.fold import find_conv_bn_pairs, fold_batchnorm_
+from decompose.io.files import load_model
+from decompose.measure.clock import CLOCKS, compare_latency, speedups
+from decompose.methods.nd.forms import rebuilt_weight
 
 # ----------------------------------------------------------------------------- settings
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import decompose
-from decompose.calibrate import calibrate_
 from decompose.data import calibration_batches, make_loader
-from decompose.evaluate import evaluate
+from decompose.measure.evaluate import evaluate
 from decompose.models.cifar_resnet import resnet20, resnet56
+from decompose.recover.calibrate import calibrate_
 
 # ------------------------------------------------------------------------------------ settings
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ here they are forced so that every row decouples the same layers.
 Budget (2 shared cores): evaluating the plain decoupled modules is slow (grouped convs with a
 channel multiplier T run far below their arithmetic), 36 s per 2000 images for ResNet-20 at T=3
 against 10 s for the original. Top-1 is therefore computed with every decoupled layer in
-decompose.fast's "dense" form: one conv with the rebuilt rank-T kernel W_T, the same function up
+decompose.methods.nd.forms's "dense" form: one conv with the rebuilt rank-T kernel W_T, the same function up
 to float rounding. Each setting checks that the plain model makes the same predictions as the
 dense one on CHECK_IMAGES images. Total runtime with the defaults: 22 minutes (measured).
 
@@ -41,16 +41,16 @@ from pathlib import Path
 import torch
 
 from decompose.data import make_loader
-from decompose.fast import fast_form
-from decompose.io import load_model
-from decompose.kernel import ORDER_NAMES
-from decompose.latency import compare_latency, speedups
-from decompose.layers import decouple_conv, is_conv
-from decompose.measure import cache_batches, evaluate_model
-from decompose.metrics import count_macs, param_count, trace
-from decompose.plan import candidates, choose_order
+from decompose.engine.surgery import replace_module
+from decompose.engine.trace import count_macs, param_count, trace
+from decompose.io.files import load_model
+from decompose.measure.clock import compare_latency, speedups
+from decompose.measure.compare import cache_batches, evaluate_model
+from decompose.methods.nd.forms import fast_form
+from decompose.methods.nd.kernel import ORDER_NAMES
+from decompose.methods.nd.layers import decouple_conv, is_conv
+from decompose.planning.plan import candidates, choose_order
 from decompose.progress import progress
-from decompose.surgery import replace_module
 
 # ----------------------------------------------------------------------------- settings
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def decouple_all(model: torch.nn.Module, rank: int, order: str) -> tuple[torch.n
 
 
 def in_form(model: torch.nn.Module, names: list[str], form: str) -> torch.nn.Module:
-    """A copy with every decoupled layer in one of decompose.fast's exact forms."""
+    """A copy with every decoupled layer in one of decompose.methods.nd.forms's exact forms."""
     new = copy.deepcopy(model)
     for n in names:
         replace_module(new, n, fast_form(new.get_submodule(n), form))
@@ -182,7 +182,12 @@ def table(res: dict) -> str:
 
 
 def figures(res: dict, fig_dir: Path) -> list[Path]:
-    from decompose.plots import layer_curves, plot_kernel_error, plot_spectra, plot_sweep
+    from decompose.measure.plots import (
+        layer_curves,
+        plot_kernel_error,
+        plot_spectra,
+        plot_sweep,
+    )
     d = res["depth"]
     rows = [{"setting": f"T={r['rank']} {r['order']}", "rule": "rank", "order": r["order"],
              "macs_ratio": r["macs_ratio"], "top1": r["top1"], "speedup": r["speedup_plain"],
@@ -282,12 +287,12 @@ the original conv, which `decompose --rank T` would refuse.
   dense ones for at least {meta['min_agreement']:.0%} of them.
 - **speed-up**: original ms / decomposed ms of the whole model, batch {meta['latency_batch']},
   {meta['threads']} thread, median of {meta['repeats']} interleaved rounds after warm-up
-  (decompose.latency.compare_latency), > 1 is faster. *median*: the median of the paired
+  (decompose.measure.clock.compare_latency), > 1 is faster. *median*: the median of the paired
   per-round ratios, the figure to read. *best*: fastest round of the original / fastest round
   of the decomposed model; it hints at the ratio on an idle machine (this one was shared with
   other jobs, whose load adds time to both sides and pulls the median towards 1), but it rests
   on one round each and jumps. *plain*: the module decompose writes (conv_dw + conv_pw);
-  *dw1*: decompose.fast's exact form with channel multiplier 1 (the same module as plain at
+  *dw1*: decompose.methods.nd.forms's exact form with channel multiplier 1 (the same module as plain at
   T = 1).
 
 """

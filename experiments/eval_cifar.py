@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from decompose.data import make_loader
-from decompose.evaluate import evaluate
-from decompose.io import load_model
+from decompose.io.files import load_model
+from decompose.measure.evaluate import evaluate
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 DATA = SHARED / "data" / "cifar10" / "test"

@@ -1,10 +1,10 @@
 """onnxruntime latency of the shipped CIFAR ResNet-20/56, original vs decoupled at rank 1 and 2.
 
-Every model is exported with decompose.export.export_onnx (torch.onnx.export(dynamo=False),
+Every model is exported with decompose.io.export.export_onnx (torch.onnx.export(dynamo=False),
 opset 17, dynamic batch, checked in onnxruntime against PyTorch), then all the sessions of one
-depth are timed side by side by decompose.export.onnx_latency: one CPU session each with THREADS
+depth are timed side by side by decompose.io.export.onnx_latency: one CPU session each with THREADS
 intra-op threads and one inter-op thread, alternating rounds, median. Order "auto", every 3x3
-conv decoupled (the CLI's defaults), data-free. "T=2 dw1" is T=2 with decompose.fast's "dw1" form
+conv decoupled (the CLI's defaults), data-free. "T=2 dw1" is T=2 with decompose.methods.nd.forms's "dw1" form
 (the same function; each depthwise conv rewritten with channel multiplier 1).
 
 The same numbers for one pair come from the CLI:
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import decompose
-from decompose.export import export_onnx, onnx_latency
-from decompose.latency import CLOCKS, speedups
+from decompose.io.export import export_onnx, onnx_latency
+from decompose.measure.clock import CLOCKS, speedups
 
 # ----------------------------------------------------------------------------- settings
 DEPTHS = (20, 56)
@@ -41,10 +41,10 @@ REPEATS = {1: 60, 64: 20}
 
 
 def dw1_form(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy with every decoupled layer in decompose.fast's "dw1" form."""
-    from decompose.fast import fast_form
-    from decompose.layers import is_decoupled
-    from decompose.surgery import replace_module
+    """A copy with every decoupled layer in decompose.methods.nd.forms's "dw1" form."""
+    from decompose.engine.surgery import replace_module
+    from decompose.methods.nd.forms import fast_form
+    from decompose.methods.nd.layers import is_decoupled
     m = copy.deepcopy(model)
     for name, mod in list(m.named_modules()):
         if is_decoupled(mod):

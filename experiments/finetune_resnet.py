@@ -27,9 +27,14 @@ import torch.nn.functional as F
 from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
-from decompose._train_form import dense_training
 from decompose.data import calibration_batches, make_loader
-from decompose.finetune import FinetuneConfig, FinetuneReport, finetune, finetune_control
+from decompose.recover.finetune._train_form import dense_training
+from decompose.recover.finetune.loop import (
+    FinetuneConfig,
+    FinetuneReport,
+    finetune,
+    finetune_control,
+)
 
 # ---- the recorded settings (docs/finetune.md) --------------------------------------------------
 TARGET_MACS = 0.33     # decomposed layers keep 1/3 of their multiply-adds (ranks: global budget)

@@ -4,7 +4,7 @@ ResNet-56 with every 3x3 conv but the stem decoupled at T = 1. Each distinct lay
 (channels, stride, input shape) is timed once, original conv against its decoupled pair, on
 the input that layer receives in the original network at batch ``--batch``, in three runtimes:
 PyTorch eager NCHW, PyTorch eager channels_last (model and input converted), and onnxruntime
-(each module exported alone by ``decompose.export.export_onnx``; one intra-op thread). Each
+(each module exported alone by ``decompose.io.export.export_onnx``; one intra-op thread). Each
 pair is timed side by side (``compare_latency`` / ``onnx_latency``: warm-up, interleaved
 rounds, medians); the totals weight each geometry by how many layers share it.
 
@@ -26,11 +26,11 @@ import torch
 from _paths import load_resnet56
 
 import decompose
-from decompose.export import export_onnx, onnx_latency
-from decompose.fast import to_channels_last_
-from decompose.latency import compare_latency
-from decompose.measure import capture_inputs
-from decompose.metrics import count_macs
+from decompose.engine.trace import count_macs
+from decompose.io.export import export_onnx, onnx_latency
+from decompose.measure.clock import compare_latency
+from decompose.measure.compare import capture_inputs
+from decompose.methods.nd.forms import to_channels_last_
 
 RUNTIMES = ("eager NCHW", "eager channels_last", "onnxruntime")
 

@@ -18,7 +18,7 @@ still rising. This script runs many more epochs where a GPU is lent, with a fair
         --holdout 256 --test-images 512 --out /tmp/long_smoke           # a quick check
 
 Writes to --out: ``resnet56_t1.finetuned.pt`` and ``resnet56_control.finetuned.pt`` (loadable
-with ``decompose.io.load_model``), the two per-epoch logs and ``result.json``. Clock speed is
+with ``decompose.io.files.load_model``), the two per-epoch logs and ``result.json``. Clock speed is
 measured separately, on the CPU, with ``finetuned_points.py``.
 """
 
@@ -38,8 +38,8 @@ from torch.utils.data import Subset
 
 import decompose
 from decompose.data import calibration_batches, make_loader
-from decompose.finetune import FinetuneConfig, finetune
-from decompose.measure import cache_batches, evaluate_model
+from decompose.measure.compare import cache_batches, evaluate_model
+from decompose.recover.finetune.loop import FinetuneConfig, finetune
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ training images (``decompose.calibrate_``), scored on the CIFAR-10 test JPEGs, a
   channels_last, all settings and both originals side by side in one ``compare_latency`` (warm-up,
   interleaved rounds, median of per-round paired ratios);
 * per layer: each decoupled layer against its original conv, in the model's layout, on the input
-  it receives in the original network (``decompose.measure.measure_latency``): "slower" counts
+  it receives in the original network (``decompose.measure.compare.measure_latency``): "slower" counts
   layers with a speed-up below 1 (target c).
 
 The settings: T = 1 everywhere; the MACs budget of the calibration work (``target_macs=0.5``);
@@ -34,9 +34,9 @@ from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose.data import calibration_batches, make_loader
-from decompose.fast import to_channels_last_
-from decompose.latency import allocator_settings, compare_latency, speedups
-from decompose.measure import cache_batches, evaluate_model, measure_latency
+from decompose.measure.clock import allocator_settings, compare_latency, speedups
+from decompose.measure.compare import cache_batches, evaluate_model, measure_latency
+from decompose.methods.nd.forms import to_channels_last_
 
 
 def settings(batch: int, threads: int, latency_targets: dict[bool, list[float]]):

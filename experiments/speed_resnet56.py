@@ -27,9 +27,9 @@ import torch
 from _paths import load_resnet56
 
 import decompose
-from decompose.fast import form_name
-from decompose.latency import compare_latency, speedups
-from decompose.measure import capture_inputs
+from decompose.measure.clock import compare_latency, speedups
+from decompose.measure.compare import capture_inputs
+from decompose.methods.nd.forms import form_name
 
 
 def variants():

@@ -13,13 +13,13 @@ from conftest import CIFAR, MODELS, needs_shared, tiny_cnn
 from torch import nn
 
 import decompose
-from decompose import refit
-from decompose.calibrate import calibrate_
+from decompose.engine.fold import fold_batchnorm_
+from decompose.engine.surgery import replace_module
 from decompose.errors import DecomposeError
-from decompose.fold import fold_batchnorm_
-from decompose.layers import CONV_TYPES, decouple_conv, is_conv
-from decompose.plan import structural_skip
-from decompose.surgery import replace_module
+from decompose.methods.nd import refit
+from decompose.methods.nd.layers import CONV_TYPES, decouple_conv, is_conv
+from decompose.planning.plan import structural_skip
+from decompose.recover.calibrate import calibrate_
 
 TOL_EXACT = 1e-4  # relative output change allowed at full rank (float32 forward passes)
 # the report's errors come from float32-accumulated moments (quad - 2 lin + const): their floor
@@ -306,7 +306,7 @@ MARGIN = 30.0  # points of top-1 calibration must add to ResNet-20 at T=2 (measu
 @needs_shared
 def test_resnet20_calibration_recovers_accuracy_on_cifar():
     from decompose.data import calibration_batches, make_loader
-    from decompose.evaluate import evaluate
+    from decompose.measure.evaluate import evaluate
     from decompose.models.cifar_resnet import resnet20
 
     state = torch.load(MODELS / "resnet20.th", map_location="cpu", weights_only=True)["state_dict"]

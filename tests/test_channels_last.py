@@ -19,9 +19,9 @@ from torch import nn
 import decompose
 from decompose.api import finalize_forms_, plain_forms_
 from decompose.cli import cli
-from decompose.fast import is_channels_last, to_channels_last_
-from decompose.io import load_model, save_model
-from decompose.measure import measure_latency
+from decompose.io.files import load_model, save_model
+from decompose.measure.compare import measure_latency
+from decompose.methods.nd.forms import is_channels_last, to_channels_last_
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import tiny_cnn
 
 from decompose.cli import cli
-from decompose.io import load_model
+from decompose.io.files import load_model
 
 SHAPE = "3,16,16"
 

@@ -89,7 +89,7 @@ def test_run_with_data_reports_accuracy_error_and_latency(setup, tmp_path):
         assert lay["output_rel_error"] >= 0
         assert lay["latency_before_ms"] > 0 and lay["latency_after_ms"] > 0
     assert out.exists() and r.stderr == ""
-    from decompose.io import load_model
+    from decompose.io.files import load_model
     assert load_model(out).meta["accuracy"] == acc  # the file records what it measured
 
 

@@ -1,4 +1,4 @@
-"""decompose.evaluate: exact metrics on controlled logits, the model/data checks, a real ResNet-20."""
+"""decompose.measure.evaluate: exact metrics on controlled logits, the model/data checks, a real ResNet-20."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from decompose.data import make_loader
 from decompose.errors import DecomposeError
-from decompose.evaluate import EvalResult, evaluate
+from decompose.measure.evaluate import EvalResult, evaluate
 from decompose.models import resnet20
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"

@@ -14,7 +14,7 @@ from torch import nn
 import decompose
 from decompose import DecomposeError
 from decompose.cli import cli
-from decompose.export import export_onnx, export_torchscript, onnx_latency
+from decompose.io.export import export_onnx, export_torchscript, onnx_latency
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

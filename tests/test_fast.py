@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from decompose.fast import (
+from decompose.methods.nd.forms import (
     CUSTOM_MODULES,
     FORMS,
     RepeatChannels,
@@ -26,8 +26,8 @@ from decompose.fast import (
     form_name,
     rebuilt_weight,
 )
-from decompose.kernel import factorize
-from decompose.layers import CONV_TYPES, decouple_conv, decoupled_rank
+from decompose.methods.nd.kernel import factorize
+from decompose.methods.nd.layers import CONV_TYPES, decouple_conv, decoupled_rank
 
 RTOL, ATOL = 1e-4, 1e-5
 ATOL64 = 1e-12
@@ -168,7 +168,7 @@ def test_dw1_structure():
 def test_dense_is_rebuilt_kernel():
     conv = make_conv(2, cin=4, cout=6, groups=2, dtype=torch.float64)
     f = factorize(conv.weight, 2, "dw-pw")
-    from decompose.kernel import rebuild
+    from decompose.methods.nd.kernel import rebuild
     seq = decouple_conv(conv, 2, "dw-pw", factors=f)
     w, b = rebuilt_weight(seq)
     torch.testing.assert_close(w, rebuild(f, 2), rtol=0, atol=1e-12)

@@ -26,10 +26,11 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import decompose
-from decompose import _checkpoint as ckpt
 from decompose.cli import cli
 from decompose.errors import DecomposeError
-from decompose.finetune import (
+from decompose.io.files import load_model, save_model
+from decompose.recover.finetune import _checkpoint as ckpt
+from decompose.recover.finetune.loop import (
     LOG_FIELDS,
     FinetuneConfig,
     FinetuneInterrupted,
@@ -38,7 +39,6 @@ from decompose.finetune import (
     distillation_loss,
     finetune,
 )
-from decompose.io import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 # 8x8 one-channel digits stored as floats in [0, 1], which is what the digits CNN was trained on
@@ -416,8 +416,8 @@ def test_distributed_two_cpu_processes(files, tmp_path):
          padding_mode="reflect"),
 ])
 def test_dense_training_form_is_the_same_function_and_gradients(order, conv):
-    from decompose._train_form import dense_training, strip
-    from decompose.layers import decouple_conv
+    from decompose.methods.nd.layers import decouple_conv
+    from decompose.recover.finetune._train_form import dense_training, strip
 
     c = nn.Conv2d(conv["cin"], conv["cout"], conv["k"], stride=conv["stride"],
                   padding=conv["padding"], groups=conv["groups"], bias=conv["bias"],
@@ -438,7 +438,7 @@ def test_dense_training_form_is_the_same_function_and_gradients(order, conv):
 
 
 def test_finetune_with_dense_form_saves_a_decoupled_safe_model(files, tmp_path):
-    from decompose.layers import is_decoupled
+    from decompose.methods.nd.layers import is_decoupled
 
     loaded = load_model(files / "student.pt")
     from decompose.data import make_loader
@@ -457,9 +457,9 @@ def test_dw1_form_layers_train_in_their_own_form():
     are not part of the composed kernel): training sees exactly the module's own function."""
     import copy
 
-    from decompose._train_form import dense_training
-    from decompose.fast import fast_form
-    from decompose.layers import decouple_conv
+    from decompose.methods.nd.forms import fast_form
+    from decompose.methods.nd.layers import decouple_conv
+    from decompose.recover.finetune._train_form import dense_training
 
     seq = decouple_conv(torch.nn.Conv2d(4, 6, 3, padding=1), 2, "pw-dw")
     dw1 = fast_form(seq, "dw1")

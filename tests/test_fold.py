@@ -9,7 +9,7 @@ from conftest import MODELS, needs_shared
 from torch import nn
 
 from decompose import DecomposeError
-from decompose.fold import find_conv_bn_pairs, fold_batchnorm_
+from decompose.engine.fold import find_conv_bn_pairs, fold_batchnorm_
 
 RTOL_F32 = 1e-5
 RTOL_F64 = 1e-10
@@ -212,7 +212,7 @@ def test_a_dw1_form_model_traces_and_folds_exactly(order, channels_last):
 @pytest.mark.shared
 @needs_shared
 def test_resnet20_folds_every_bn_and_keeps_its_outputs():
-    from decompose.io import load_model
+    from decompose.io.files import load_model
     model = load_model(MODELS / "resnet20.th",
                        arch="decompose.models.cifar_resnet:resnet20").model.eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))

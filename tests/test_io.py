@@ -12,7 +12,7 @@ from torch import nn
 
 import decompose
 from decompose import DecomposeError
-from decompose.io import default_output, load_model, save_model
+from decompose.io.files import default_output, load_model, save_model
 
 SHAPE = (3, 16, 16)
 
@@ -100,7 +100,7 @@ def test_arch_errors(tmp_path):
 
 
 def test_arch_kwargs_are_literals_only():
-    from decompose.io import parse_arch
+    from decompose.io.files import parse_arch
     assert parse_arch("a.b:c(depth=56, name='x')") == ("a.b", "c", {"depth": 56, "name": "x"})
     with pytest.raises(DecomposeError):
         parse_arch("a:b(x=__import__('os'))")

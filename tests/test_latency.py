@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from decompose.latency import Latency, compare_latency, speedups, time_module
+from decompose.measure.clock import Latency, compare_latency, speedups, time_module
 
 
 class FakeClock:
@@ -128,7 +128,7 @@ def test_real_clock_smoke():
 
 def test_cuda_work_is_synchronized_before_each_clock_read(monkeypatch):
     """On a GPU kernels run asynchronously: every timer read must follow a device barrier."""
-    import decompose.latency as lat
+    import decompose.measure.clock as lat
     events: list[str] = []
     clock = iter(range(1000))
 
@@ -150,15 +150,15 @@ def test_cuda_work_is_synchronized_before_each_clock_read(monkeypatch):
 
 
 def test_on_cuda_sees_inputs_and_parameters_on_cpu_as_cpu():
-    from decompose.latency import _on_cuda
+    from decompose.measure.clock import _on_cuda
     assert not _on_cuda({"m": torch.nn.Linear(2, 2)}, {"m": (torch.zeros(1), 3)})
 
 
 def test_latency_reports_record_the_allocator_settings(monkeypatch):
     """glibc's mmap threshold changes CPU timings a lot (docs/speed.md): reports say what was set."""
     import decompose
-    from decompose.latency import ALLOCATOR_ENV, allocator_settings
-    from decompose.measure import measure_latency
+    from decompose.measure.clock import ALLOCATOR_ENV, allocator_settings
+    from decompose.measure.compare import measure_latency
     for k in ALLOCATOR_ENV:
         monkeypatch.delenv(k, raising=False)
     assert allocator_settings() == {}

@@ -13,10 +13,10 @@ from torch import nn
 import decompose
 from decompose import DecoupleConfig
 from decompose.api import finalize_forms_, plain_forms_
+from decompose.engine.trace import count_macs, param_count
 from decompose.errors import DecomposeError
-from decompose.fast import form_name
-from decompose.layers import decoupled_order, decoupled_rank, is_decoupled
-from decompose.metrics import count_macs, param_count
+from decompose.methods.nd.forms import form_name
+from decompose.methods.nd.layers import decoupled_order, decoupled_rank, is_decoupled
 
 SHAPE = (8, 12, 12)
 
@@ -207,7 +207,7 @@ def test_finalize_after_calibration_on_plain():
                                         for lp in rep.decomposed)
     with torch.no_grad():
         torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-5)
-    from decompose.calibrate import calibrate_
+    from decompose.recover.calibrate import calibrate_
     calibrate_(m, original, [x], samples=6, progress=False)
     assert finalize_forms_(m, rep) == 4
     assert {form_name(m.get_submodule(lp.name)) for lp in rep.decomposed} == {"dw1"}

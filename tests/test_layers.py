@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from decompose.kernel import error_curve, factorize
-from decompose.layers import decouple_conv, decoupled_order, decoupled_rank, is_decoupled
+from decompose.methods.nd.kernel import error_curve, factorize
+from decompose.methods.nd.layers import decouple_conv, decoupled_order, decoupled_rank, is_decoupled
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {1: (23,), 2: (11, 9), 3: (7, 6, 5)}
@@ -78,7 +78,7 @@ def test_non_square_kernel_and_tuple_padding():
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
 def test_truncated_layer_computes_the_rank_t_kernel(order):
     """At rank T the layer equals a plain conv with the rank-T kernel (so reported error is real)."""
-    from decompose.kernel import rebuild
+    from decompose.methods.nd.kernel import rebuild
     conv = nn.Conv2d(6, 8, 3, padding=1, groups=2).double()
     f = factorize(conv.weight, 2, order)
     for t in (1, 2):

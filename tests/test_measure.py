@@ -1,4 +1,4 @@
-"""decompose.measure: accuracy before/after, output error (SQNR and per layer), latency."""
+"""decompose.measure.compare: accuracy before/after, output error (SQNR and per layer), latency."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from _imagegen import tiny_classifier
 from torch import nn
 
 import decompose
+from decompose.engine.surgery import replace_module
 from decompose.errors import DecomposeError
-from decompose.layers import decouple_conv
-from decompose.measure import (
+from decompose.measure.compare import (
     cache_batches,
     capture_inputs,
     check_input_shape,
@@ -24,9 +24,9 @@ from decompose.measure import (
     measure_output_error,
     sqnr_db,
 )
-from decompose.plan import LayerPlan
+from decompose.methods.nd.layers import decouple_conv
+from decompose.planning.plan import LayerPlan
 from decompose.progress import progress, quiet_progress
-from decompose.surgery import replace_module
 
 EXACT = 1e-5  # relative error of an exact (full-rank) decomposition in float32
 
@@ -105,7 +105,7 @@ def test_folded_batchnorm_is_part_of_the_reference():
         orig.bn.running_var.uniform_(0.5, 2)
         orig.bn.weight.uniform_(0.5, 3)
     dec = copy.deepcopy(orig)
-    from decompose.fold import fold_batchnorm_
+    from decompose.engine.fold import fold_batchnorm_
     assert fold_batchnorm_(dec) == [("conv", "bn")]
     layers = _decouple(dec, {"conv": 9})
     x = torch.randn(4, 4, 8, 8)

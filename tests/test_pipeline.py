@@ -10,7 +10,7 @@ from _imagegen import tiny_classifier
 import decompose
 from decompose import DecoupleConfig, compress_
 from decompose.api import finalize_forms_, plain_forms_
-from decompose.fast import form_name
+from decompose.methods.nd.forms import form_name
 
 CONFIG = DecoupleConfig(rank=2, form="dw1", order="dw-pw")
 

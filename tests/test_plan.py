@@ -12,9 +12,9 @@ from torch import nn
 
 import decompose
 from decompose import DecomposeError, DecoupleConfig
-from decompose.layers import is_decoupled
-from decompose.metrics import count_macs, param_count
-from decompose.plan import choose_order
+from decompose.engine.trace import count_macs, param_count
+from decompose.methods.nd.layers import is_decoupled
+from decompose.planning.plan import choose_order
 
 SHAPE = (3, 16, 16)
 
@@ -115,7 +115,7 @@ def test_energy_rule_reaches_energy(tiny):
     for lp in rep.decomposed:
         assert lp.energy >= 0.7 - 1e-9
         if lp.rank > 1:  # one less would not be enough
-            from decompose.kernel import energy_curve, singular_values
+            from decompose.methods.nd.kernel import energy_curve, singular_values
             conv = tiny.get_submodule(lp.name)
             e = energy_curve(singular_values(conv.weight, conv.groups, "dw-pw"))
             assert e[lp.rank - 2] < 0.7

@@ -14,9 +14,9 @@ from torch import nn
 
 import decompose
 from decompose.cli import cli
-from decompose.kernel import error_curve, factorize, rebuild, singular_values
+from decompose.methods.nd.kernel import error_curve, factorize, rebuild, singular_values
 from decompose.pipeline import compress_
-from decompose.sensitivity import output_error_curves
+from decompose.planning.sensitivity import output_error_curves
 
 
 def _brute(conv: nn.Module, x: torch.Tensor, order: str) -> list[float]:

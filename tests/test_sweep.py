@@ -246,7 +246,7 @@ def test_cli_sweep_new_flags_bad_values_are_one_line(tmp_path, args, needle):
 def test_output_errors_are_measured_once_for_all_budget_settings(monkeypatch):
     """They depend on the model, fold_bn, include and exclude only: one measurement serves
     every budget and order of a sweep, and the rows equal separate compress_ calls."""
-    import decompose.sensitivity as sens
+    import decompose.planning.sensitivity as sens
     calls = []
     real = sens.output_error_curves
 

@@ -30,8 +30,8 @@ def demo_cmd(rank: int, workdir: str | None, force: bool, as_json: bool, quiet: 
     """
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ..evaluate import evaluate
-    from ..io import load
+    from ..io.files import load
+    from ..measure.evaluate import evaluate
     from ..models.digits import load_digits_tensors, train_digits_cnn
     from .run import decompose_file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..io import load_model
+from ..io.files import load_model
 from ..progress import quiet_progress
 from ._common import emit, log, model_options
 from ._measure import DATA_KEYS, data_options, make_loader_from
@@ -45,7 +45,7 @@ def eval_cmd(model: str, **opts) -> None:
       decompose eval resnet20.decomposed.pt --data cifar10/test --limit 2000 --json
       decompose eval model.pt --data imgs/ --resize 256 --crop 224
     """
-    from ..measure import evaluate_model
+    from ..measure.compare import evaluate_model
     loader = make_loader_from({k: opts[k] for k in DATA_KEYS})
     loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"])
     log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__}); "

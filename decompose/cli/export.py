@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import click
 
+from ..engine.trace import infer_input_shape
 from ..errors import DecomposeError
-from ..io import check_writable, load_model
-from ..latency import CLOCKS, speedups
-from ..metrics import infer_input_shape
+from ..io.files import check_writable, load_model
+from ..measure.clock import CLOCKS, speedups
 from ._common import emit, log, model_options, parse_number, parse_shape
 
 
@@ -104,7 +104,7 @@ def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dyn
       decompose export r20.decomposed.pt --onnx r20.onnx --batch-size 64 \\
           --compare resnet20.th --arch decompose.models.cifar_resnet:resnet20
     """
-    from .. import export as ex
+    from ..io import export as ex
 
     if not onnx_out and not ts_out:
         raise DecomposeError("nothing to write; give --onnx OUT.onnx and/or --torchscript OUT.pt")

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from .. import api
-from ..io import check_writable, default_output, load_model, save_model
-from ..metrics import infer_input_shape
+from ..engine.trace import infer_input_shape
+from ..io.files import check_writable, default_output, load_model, save_model
 from ..pipeline import compress_
 from ..progress import quiet_progress
 from ._common import (
@@ -133,12 +133,12 @@ def run_cmd(model: str, **opts) -> None:
     quiet = opts["quiet"]
     with quiet_progress(quiet):
         if opts["plot_dir"]:
-            from ..plots import require_matplotlib
+            from ..measure.plots import require_matplotlib
             require_matplotlib()  # fail before any work
         loader = make_loader_from(data_opts)
         batches = data_shape = None
         if loader is not None:
-            from ..measure import cache_batches
+            from ..measure.compare import cache_batches
             batches = cache_batches(loader)
             data_shape = tuple(batches[0][0].shape[1:]) if batches else None
         kept = {}
@@ -147,7 +147,7 @@ def run_cmd(model: str, **opts) -> None:
 
         def before_save(report, original, decomposed):
             if batches is not None or lat["latency"]:
-                from ..measure import measure
+                from ..measure.compare import measure
                 measure(report, original, decomposed, batches=batches, latency=lat["latency"],
                         latency_batch=lat["latency_batch"], repeats=lat["repeats"],
                         threads=lat["threads"])
@@ -163,7 +163,7 @@ def run_cmd(model: str, **opts) -> None:
         if out is None:
             _nothing_to_do(report, model)
         if opts["plot_dir"]:
-            from ..plots import plot_report
+            from ..measure.plots import plot_report
             for path in plot_report(report, kept["original"], opts["plot_dir"]):
                 log(f"wrote {path}", quiet)
     emit(report, opts["as_json"])

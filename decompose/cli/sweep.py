@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..io import load_model
+from ..io.files import load_model
 from ..progress import quiet_progress
 from ._common import (
     BUILD_KEYS,
@@ -94,7 +94,7 @@ def sweep_cmd(model: str, **opts) -> None:
           --ranks 2,3 --exclude conv1 --fold-bn --form auto --calibrate cifar10/train \\
           --calib-samples 512 --data cifar10/test --limit 2000
     """
-    from ..metrics import infer_input_shape
+    from ..engine.trace import infer_input_shape
     from ..sweep import EXAMPLES, sweep, sweep_configs
     data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
     calib_opts = pop_keys(opts, CALIB_KEYS)
@@ -114,7 +114,7 @@ def sweep_cmd(model: str, **opts) -> None:
                                  "--calibrate DIR", param_hint="--allocate")
     sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)  # validate
     if opts["plot_dir"]:
-        from ..plots import require_matplotlib
+        from ..measure.plots import require_matplotlib
         require_matplotlib()
     with quiet_progress(quiet):
         calib = calibration_batches_from(calib_opts, data_opts)  # a bad folder fails now
@@ -123,7 +123,7 @@ def sweep_cmd(model: str, **opts) -> None:
         log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
         batches = None
         if loader is not None:
-            from ..measure import cache_batches
+            from ..measure.compare import cache_batches
             batches = cache_batches(loader)
             if shape is None and batches:
                 _, source = infer_input_shape(loaded.model, None, loaded.meta)
@@ -143,7 +143,7 @@ def sweep_cmd(model: str, **opts) -> None:
     if opts["plot_dir"]:
         from pathlib import Path
 
-        from ..plots import plot_sweep
+        from ..measure.plots import plot_sweep
         path = plot_sweep(result.rows, Path(opts["plot_dir"]) / "sweep.png",
                           baseline_top1=result.baseline.get("top1"),
                           title=f"{Path(model).name}: {len(result.rows)} settings")

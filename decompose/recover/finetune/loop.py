@@ -10,7 +10,7 @@ Per batch: ``loss = (1 - w) * CE(student, y) + w * T^2 * KL(p_teacher || p_stude
 ``p = softmax(logits / T)`` (Hinton et al. 2015: the teacher's softened distribution is the
 target). Per step: SGD with momentum (or AdamW) under a cosine learning-rate schedule with optional
 linear warm-up. After every epoch the model is scored on the validation set; the best epoch by
-top-1 is written with :func:`decompose.io.save_model` (atomic, loadable by the safe loader) and
+top-1 is written with :func:`decompose.io.files.save_model` (atomic, loadable by the safe loader) and
 loaded back into the model at the end.
 
 A checkpoint (``config.checkpoint``) holds the model, optimizer, scheduler, epoch, the batch
@@ -45,6 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
+from ...data import check_input_shape
+from ...errors import DecomposeError
+from ...io.files import check_writable, save_model
+from ...measure.evaluate import EvalResult, evaluate
+from ...progress import progress as _progress
 from . import _checkpoint as ckpt
 from ._distributed import (
     Dist,
@@ -60,11 +65,6 @@ from ._distributed import (
 )
 from ._train_form import FORMS as TRAIN_FORMS
 from ._train_form import dense_training, strip
-from .data import check_input_shape
-from .errors import DecomposeError
-from .evaluate import EvalResult, evaluate
-from .io import check_writable, save_model
-from .progress import progress as _progress
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -460,7 +460,7 @@ def _score(d: dict[str, Any] | None) -> EvalResult | None:
 
 def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, d: Dist, show: bool,
               desc: str) -> EvalResult:
-    """:func:`decompose.evaluate.evaluate` on this rank's shard, sums all-reduced over ranks."""
+    """:func:`decompose.measure.evaluate.evaluate` on this rank's shard, sums all-reduced over ranks."""
     r = evaluate(model, loader, device=device, progress=show, desc=desc)
     if not d.on:
         return r

@@ -9,7 +9,7 @@ Everything compares the two models *on the same inputs in the same process*:
   input that layer receives *in the original network* (so each layer's figure is its own error,
   not the error accumulated by the layers before it).
 * :func:`measure_latency`: whole-model and per-layer median latency, original and decoupled timed
-  side by side by :func:`decompose.latency.compare_latency` (warm-up, interleaved rounds, median).
+  side by side by :func:`decompose.measure.clock.compare_latency` (warm-up, interleaved rounds, median).
   Each layer is timed on the input it actually receives (captured with a forward hook on the
   original network) at the given batch size.
 * :func:`measure`: all of it, written into a :class:`~decompose.report.Report`.
@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DecomposeError
-from .fast import is_channels_last, to_channels_last_
-from .latency import allocator_settings, compare_latency, speedups
-from .plan import LayerPlan
-from .progress import is_quiet, progress
-from .report import Report
+from ..errors import DecomposeError
+from ..methods.nd.forms import is_channels_last, to_channels_last_
+from ..planning.plan import LayerPlan
+from ..progress import is_quiet, progress
+from ..report import Report
+from .clock import allocator_settings, compare_latency, speedups
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -73,7 +73,7 @@ def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
 
 class Batches(list):
     """Batches read into memory, with the ``dataset`` they came from (its ``classes`` and
-    ``labels`` let :func:`decompose.evaluate.evaluate` check the data against the model)."""
+    ``labels`` let :func:`decompose.measure.evaluate.evaluate` check the data against the model)."""
 
     dataset: Any = None
 
@@ -90,7 +90,7 @@ def cache_batches(loader: Iterable[Batch], *, desc: str = "load images", quiet: 
 def check_input_shape(sample_shape: Sequence[int], report: Report) -> None:
     """Refuse images whose (C, H, W) is not the shape ``report`` was planned for, unless that
     shape was only a default guess. Models with a global pool would run on any size silently."""
-    from .data import check_input_shape as check
+    from ..data import check_input_shape as check
     if report.input_shape_source != "default":
         check(report.input_shape, sample_shape)
 

@@ -24,8 +24,8 @@ from collections import Counter
 import torch
 from torch import fx, nn
 
-from .errors import DecomposeError
-from .fast import RepeatChannels, SumChannelGroups
+from ..errors import DecomposeError
+from ..methods.nd.forms import RepeatChannels, SumChannelGroups
 from .surgery import replace_module
 
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)

@@ -6,7 +6,7 @@ the planner *time* each candidate layer on this machine, original and decomposed
 * every convolution's input is captured from one forward pass of seeded N(0, 1) input of the
   planned ``input_shape`` at batch ``config.latency_batch``;
 * each layer's original conv and its decomposed options are timed interleaved by
-  :func:`decompose.latency.compare_latency` (warm-up, rounds in rotating order, median of the
+  :func:`decompose.measure.clock.compare_latency` (warm-up, rounds in rotating order, median of the
   rounds), at ``config.threads`` threads;
 * an option's time is the original's median divided by the option's speed-up, the median of
   per-round paired ratios (load that drifts between rounds cancels); the original is timed in
@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DecoupleConfig
-from .errors import BudgetError
-from .fast import AUTO_MARGIN, auto_form, estimated_speedup, fast_form
-from .kernel import factorize
-from .latency import Timer, allocator_settings, compare_latency, speedups
-from .layers import decouple_conv, is_conv
+from ..config import DecoupleConfig
+from ..errors import BudgetError
+from ..measure.clock import Timer, allocator_settings, compare_latency, speedups
+from ..methods.nd.forms import AUTO_MARGIN, auto_form, estimated_speedup, fast_form
+from ..methods.nd.kernel import factorize
+from ..methods.nd.layers import decouple_conv, is_conv
 
 LatencyFn = Callable[[str, str, nn.Module, torch.Tensor], float]
 
@@ -91,7 +91,7 @@ class LayerTimer:
 
     def input_of(self, name: str) -> torch.Tensor:
         if self._inputs is None:
-            from .measure import capture_inputs
+            from ..measure.compare import capture_inputs
             names = [n for n, m in self.model.named_modules() if is_conv(m)]
             self._inputs = capture_inputs(self.model, names, self.x)
         return self._inputs[name]
@@ -128,7 +128,7 @@ class LayerTimer:
 
 
 def _calls_for(module: nn.Module, x: torch.Tensor) -> int:
-    from .measure import _calls_for as calls
+    from ..measure.compare import _calls_for as calls
     with torch.no_grad():
         return calls(module, x, MIN_SAMPLE_MS)
 
@@ -190,7 +190,7 @@ def latency_budget(model: nn.Module, budgeted: list, config: DecoupleConfig,
 
     Costs are measured ms: whole model = (measured whole-model ms - sum of the budgeted layers'
     original ms) + sum of every budgeted layer's chosen option's ms. Options not faster than the
-    original by the margin are dropped. :func:`decompose.plan.optimise` (the MACs/params budget's
+    original by the margin are dropped. :func:`decompose.planning.plan.optimise` (the MACs/params budget's
     optimiser) minimises the summed squared relative kernel error under ``F * whole``.
     """
     from .plan import _finish, optimise, set_form

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DecomposeError
+from ..errors import DecomposeError
 
 FORMAT = "decompose"
 FORMAT_VERSION = 1
@@ -65,8 +65,8 @@ def _own_classes() -> list[type]:
     """nn.Module classes defined by this package (its model zoo and layers): trusted code."""
     import pkgutil
 
-    from . import fast
-    from . import models as zoo
+    from .. import models as zoo
+    from ..methods.nd import forms as fast
     out: list[type] = _module_classes(fast)  # the parameter-free helpers of the fast forms
     for info in pkgutil.iter_modules(zoo.__path__):
         out += _module_classes(importlib.import_module(f"{zoo.__name__}.{info.name}"))

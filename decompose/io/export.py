@@ -5,7 +5,7 @@
     print(res.max_rel_err)                       # onnxruntime vs PyTorch, on seeded random input
 
 Every file is written to a temporary name in the target folder, *checked*, and only then renamed
-into place (:func:`decompose.io.atomic_write`): an export whose outputs differ from PyTorch's by
+into place (:func:`decompose.io.files.atomic_write`): an export whose outputs differ from PyTorch's by
 more than ``tolerance`` raises :class:`~decompose.errors.DecomposeError` and leaves nothing behind,
 and an existing file is only replaced with ``force=True``.
 
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DecomposeError
-from .io import atomic_write
-from .latency import Latency, compare_latency
-from .metrics import infer_input_shape
+from ..engine.trace import infer_input_shape
+from ..errors import DecomposeError
+from ..measure.clock import Latency, compare_latency
+from .files import atomic_write
 
 DEFAULT_OPSET = 17         # the TorchScript-based exporter; onnxruntime >= 1.14 runs it
 DEFAULT_OPSET_DYNAMO = 18  # the lowest the dynamo exporter writes without a version conversion
@@ -272,7 +272,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
         path: the ``.onnx`` file to write.
         input_shape: one sample's shape without the batch, e.g. ``(3, 32, 32)``. Default:
             ``model.input_shape``, else ``meta["input_shape"]``, else the first conv's channels at
-            224x224 (:func:`decompose.metrics.infer_input_shape`).
+            224x224 (:func:`decompose.engine.trace.infer_input_shape`).
         batch_size: batch of the example input used to export and check. Default 1.
         opset: ONNX opset. Default (None): 17, or 18 with ``dynamo=True``.
         dynamic_batch: make the batch axis dynamic (then the check also runs another batch
@@ -389,7 +389,7 @@ def onnx_latency(paths: Mapping[str, str | os.PathLike], input_shape: tuple[int,
 
     Each file gets a CPU session with ``threads`` intra-op threads (default: torch's thread
     count) and one inter-op thread; the sessions are timed in alternating rounds on the same
-    seeded float32 input by :func:`decompose.latency.compare_latency`, and the medians compared.
+    seeded float32 input by :func:`decompose.measure.clock.compare_latency`, and the medians compared.
 
     ``timer`` defaults to wall-clock :func:`time.perf_counter`. On a machine shared with other
     jobs, ``threads=1`` with ``timer=time.thread_time`` (CPU time of the calling thread, which
@@ -397,7 +397,7 @@ def onnx_latency(paths: Mapping[str, str | os.PathLike], input_shape: tuple[int,
     gives to other processes.
 
     Returns:
-        name -> :class:`~decompose.latency.Latency` (``threads`` is the intra-op count used).
+        name -> :class:`~decompose.measure.clock.Latency` (``threads`` is the intra-op count used).
     """
     batch_size = _check_batch(batch_size)
     n = int(threads or torch.get_num_threads())

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DecoupleConfig
-from .errors import DecomposeError
-from .kernel import ORDER_NAMES, factorize, rebuild
-from .layers import is_conv
+from ..config import DecoupleConfig
+from ..errors import DecomposeError
+from ..methods.nd.kernel import ORDER_NAMES, factorize, rebuild
+from ..methods.nd.layers import is_conv
 from .plan import selected, structural_skip
 
 #: name -> order -> relative output error at T = 1..full rank

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import check_input_shape
-from .errors import DecomposeError
-from .progress import progress as _progress
+from ..data import check_input_shape
+from ..errors import DecomposeError
+from ..progress import progress as _progress
 
 
 @dataclass(frozen=True)

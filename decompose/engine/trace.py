@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import DecomposeError
-from .layers import CONV_TYPES, is_conv, taps
+from ..errors import DecomposeError
+from ..methods.nd.layers import CONV_TYPES, is_conv, taps
 
 
 @dataclass

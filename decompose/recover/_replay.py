@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .layers import is_conv, is_decoupled
+from ..methods.nd.layers import is_conv, is_decoupled
 
 
 class _Stop(Exception):

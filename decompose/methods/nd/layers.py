@@ -36,7 +36,7 @@ def is_conv(m: nn.Module) -> bool:
 def is_decoupled(m: nn.Module) -> bool:
     """True for a module built by :func:`decouple_conv` (or the same shape saved and reloaded),
     in its plain form (``conv_dw``, ``conv_pw``) or the ``"dw1"`` form of
-    :func:`decompose.fast.fast_form` (three children: ``repeat, conv_dw, conv_pw`` or
+    :func:`decompose.methods.nd.forms.fast_form` (three children: ``repeat, conv_dw, conv_pw`` or
     ``conv_pw, conv_dw, sum``)."""
     if not (isinstance(m, nn.Sequential) and hasattr(m, "conv_dw") and hasattr(m, "conv_pw")):
         return False

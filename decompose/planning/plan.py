@@ -15,11 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BUDGETS, DecoupleConfig
-from .errors import BudgetError, DecomposeError
-from .kernel import ORDER_NAMES, energy_curve, error_curve, rank_for_energy, singular_values
-from .layers import is_conv, taps
-from .metrics import Call, conv_macs, trace
+from ..config import BUDGETS, DecoupleConfig
+from ..engine.trace import Call, conv_macs, trace
+from ..errors import BudgetError, DecomposeError
+from ..methods.nd.kernel import (
+    ORDER_NAMES,
+    energy_curve,
+    error_curve,
+    rank_for_energy,
+    singular_values,
+)
+from ..methods.nd.layers import is_conv, taps
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -297,10 +303,10 @@ def make_plan(model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, 
     """Plan every Conv1d/2d/3d of ``model`` (nothing is changed).
 
     ``error_curves``: measured output errors per layer and order
-    (:func:`decompose.sensitivity.output_error_curves`), which the budgets then minimise
+    (:func:`decompose.planning.sensitivity.output_error_curves`), which the budgets then minimise
     instead of kernel errors (``config.allocation == "output"``).
 
-    ``timing``: a :class:`decompose.latency_plan.LayerTimer` for the options that time layers
+    ``timing``: a :class:`decompose.planning.timing.LayerTimer` for the options that time layers
     (``config.timed``); one is made when needed and not given. Its ``summary`` says what it
     measured."""
     shapes = shapes if shapes is not None else trace(model, input_shape)
@@ -342,16 +348,16 @@ def make_plan(model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, 
             _per_layer_rank(lp, cands, config, config.rank_overrides.get(name))
     needs_forms = config.form != "plain" or config.timed
     if needs_forms and timing is None:
-        from .latency_plan import LayerTimer
+        from .timing import LayerTimer
         timing = LayerTimer(model, config, input_shape)
     if budgeted and config.selection == "target_latency":
-        from .latency_plan import latency_budget
+        from .timing import latency_budget
         latency_budget(model, budgeted, config, timing)
     elif budgeted:
         key = "macs" if config.selection == "target_macs" else "params"
         _budget(budgeted, key, config.target_macs or config.target_params)
     if needs_forms:
-        from .latency_plan import choose_forms
+        from .timing import choose_forms
         fixed = {id(lp) for lp, _ in budgeted} if config.selection == "target_latency" else set()
         choose_forms(model, [lp for lp in plans if id(lp) not in fixed], config, timing)
     return plans

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DecomposeError
-from .io import atomic_write, state_dict_mismatch
+from ...errors import DecomposeError
+from ...io.files import atomic_write, state_dict_mismatch
 
 FORMAT = "decompose-finetune"
 VERSION = 1

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import decoupled_form, decoupled_order, decoupled_rank, is_decoupled
+from ...methods.nd.layers import decoupled_form, decoupled_order, decoupled_rank, is_decoupled
 
 FORMS = ("auto", "plain", "dense")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

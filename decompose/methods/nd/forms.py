@@ -1,6 +1,6 @@
 """Exact, faster forms of a decoupled layer (docs/layouts.md has the measurements behind them).
 
-A decoupled layer (:func:`decompose.layers.decouple_conv`) is ``conv_dw`` (k x k, groups=C,
+A decoupled layer (:func:`decompose.methods.nd.layers.decouple_conv`) is ``conv_dw`` (k x k, groups=C,
 channel multiplier T) and ``conv_pw`` (1x1). Its multiply-adds fall with T, but its speed need not:
 on x86 CPUs PyTorch hands the convs to oneDNN, whose fast depthwise kernels only take a
 depthwise conv with channel multiplier 1 (one output per input channel). With T >= 2, ``groups=C``
@@ -280,7 +280,7 @@ def estimated_speedup(seq: nn.Module) -> float:
     of the strides. ``A`` (:data:`INTERMEDIATE_COST`) stands for moving the ``T * C``-channel
     intermediate through memory, the cost that multiply-add counts leave out. A rough guide for
     one machine (docs/layouts.md says how often it was right); a planner that can time the forms
-    should (:func:`candidate_forms`, :func:`decompose.latency.compare_latency`).
+    should (:func:`candidate_forms`, :func:`decompose.measure.clock.compare_latency`).
     """
     order, t, dw, pw = _check(to_plain(seq))
     taps = dw.weight[0, 0].numel()
@@ -324,7 +324,7 @@ def fast_form(seq: nn.Module, form: str = "auto") -> nn.Module:
     """An exact equivalent of the decoupled layer ``seq`` in the given form (a new module).
 
     Args:
-        seq: an ``nn.Sequential`` from :func:`decompose.layers.decouple_conv` (either order).
+        seq: an ``nn.Sequential`` from :func:`decompose.methods.nd.layers.decouple_conv` (either order).
         form: ``"auto"`` (default: :func:`auto_form`), ``"plain"``, ``"dense"`` or ``"dw1"``;
             see the module docstring.
 
@@ -359,4 +359,4 @@ def form_name(m: nn.Module) -> str:
         return "dw1"
     if is_decoupled(m):
         return "plain"
-    raise TypeError(f"not a form built by decompose.fast: {type(m).__name__}")
+    raise TypeError(f"not a form built by decompose.methods.nd.forms: {type(m).__name__}")

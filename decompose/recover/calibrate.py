@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import refit
+from ..errors import DecomposeError
+from ..measure.compare import eval_mode
+from ..methods.nd import refit
+from ..methods.nd.layers import decoupled_order, decoupled_rank, is_conv, is_decoupled
+from ..progress import progress as _progress
 from ._replay import GraphReplay, HookReplay, call_order
-from .errors import DecomposeError
-from .layers import decoupled_order, decoupled_rank, is_conv, is_decoupled
-from .measure import eval_mode
-from .progress import progress as _progress
 
 JOINT_MAX_DIM = 4096  # patch features (C_in/g * K) or depthwise unknowns above this: last conv only
 
@@ -173,7 +173,7 @@ def _folded_bns(model: nn.Module, original: nn.Module) -> dict[str, str]:
                 for n, m in model.named_modules())
     if not maybe:
         return {}
-    from .fold import find_conv_bn_pairs
+    from ..engine.fold import find_conv_bn_pairs
     return {c: b for c, b in find_conv_bn_pairs(original)
             if isinstance(_submodule(model, b), nn.Identity)}
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from .errors import DecomposeError
+from ...errors import DecomposeError
 
 
 @dataclass(frozen=True)
