@@ -19,7 +19,7 @@ from .io.files import load, load_model, save_model
 from .methods.nd.layers import decouple_conv, is_decoupled
 from .pipeline import compress_
 from .recover.calibrate import CalibrationReport, calibrate_
-from .recover.finetune.loop import FinetuneConfig, FinetuneResult, finetune
+from .recover.finetune import FinetuneConfig, FinetuneResult, finetune
 from .report import Report
 
 __version__ = "0.1.0"

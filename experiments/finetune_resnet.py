@@ -28,13 +28,13 @@ from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose.data import calibration_batches, make_loader
-from decompose.recover.finetune._train_form import dense_training
-from decompose.recover.finetune.loop import (
+from decompose.recover.finetune import (
     FinetuneConfig,
     FinetuneReport,
     finetune,
     finetune_control,
 )
+from decompose.recover.finetune._train_form import dense_training
 
 # ---- the recorded settings (docs/finetune.md) --------------------------------------------------
 TARGET_MACS = 0.33     # decomposed layers keep 1/3 of their multiply-adds (ranks: global budget)

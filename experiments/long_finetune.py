@@ -39,7 +39,7 @@ from torch.utils.data import Subset
 import decompose
 from decompose.data import calibration_batches, make_loader
 from decompose.measure.compare import cache_batches, evaluate_model
-from decompose.recover.finetune.loop import FinetuneConfig, finetune
+from decompose.recover.finetune import FinetuneConfig, finetune
 
 
 def main() -> None:

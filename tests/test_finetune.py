@@ -29,16 +29,16 @@ import decompose
 from decompose.cli import cli
 from decompose.errors import DecomposeError
 from decompose.io.files import load_model, save_model
-from decompose.recover.finetune import _checkpoint as ckpt
-from decompose.recover.finetune.loop import (
-    LOG_FIELDS,
+from decompose.recover.finetune import (
     FinetuneConfig,
     FinetuneInterrupted,
     FinetuneReport,
-    _lr_factor,
     distillation_loss,
     finetune,
 )
+from decompose.recover.finetune import _checkpoint as ckpt
+from decompose.recover.finetune.config import LOG_FIELDS
+from decompose.recover.finetune.loop import _lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 # 8x8 one-channel digits stored as floats in [0, 1], which is what the digits CNN was trained on

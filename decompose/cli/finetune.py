@@ -1,11 +1,10 @@
 """``decompose finetune DECOMPOSED --data TRAIN --val VAL --epochs N``: recover accuracy.
 
-Parsing and printing only: the loop is :func:`decompose.recover.finetune.loop.finetune`.
+Parsing and printing only: the loop is :func:`decompose.recover.finetune.finetune`.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,9 +135,9 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
       torchrun --nproc_per_node 2 --no-python decompose finetune small.pt --data train/ \\
           --val val/ --epochs 3 --device cpu
     """
-    ft = importlib.import_module("decompose.recover.finetune.loop")  # the module: decompose.finetune is the function
     from ..io.files import load_model
     from ..progress import quiet_progress
+    from ..recover import finetune as ft
     from ..recover.finetune._distributed import distributed_env, resolve_device
 
     out = Path(o["output"]) if o["output"] else Path(decomposed).with_name(

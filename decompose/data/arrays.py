@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ..errors import DecomposeError
-from .dataset import _Data, _first_line
+from ..errors import first_line as _first_line
+from .dataset import _Data
 from .spec import DataSpec
 from .transforms import (
     _finish,

@@ -49,6 +49,3 @@ class _Data(Dataset):
             self.indices = self.indices[np.sort(pick)]
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -9,14 +9,15 @@ count takes one sample's ``input_shape`` (no batch dimension) and runs one forwa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import DecomposeError
+from ..errors import DecomposeError, first_line
 from ..methods.nd.layers import CONV_TYPES, is_conv, taps
 
 
@@ -45,14 +46,31 @@ def param_count(module: nn.Module) -> int:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block; the flags are restored after."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
     try:
+        for model in models:
+            model.eval()
         yield
     finally:
-        for m, t in modes.items():
-            m.train(t)
+        for m, training in saved:
+            m.training = training
+
+
+def dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the model's first floating-point parameter (float32 on the CPU
+    for a model without one)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return torch.float32, torch.device("cpu")
+    return p.dtype, p.device
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without one)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
@@ -82,7 +100,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...],
         if want(m):
             handles.append(m.register_forward_hook(hook(name)))
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input(model, input_shape))
     except DecomposeError:
         raise
@@ -110,6 +128,45 @@ def macs_from_trace(model: nn.Module, shapes: dict[str, Call]) -> int:
         one = conv_macs(m, call.out_shape) if is_conv(m) else linear_macs(m, call.out_shape)
         total += one * call.calls
     return total
+
+
+def calls_for(module: nn.Module, x: torch.Tensor, min_ms: float) -> int:
+    """How many calls make one timed sample last at least ``min_ms`` (1 to 1000)."""
+    with torch.inference_mode():
+        module(x)
+        t0 = time.perf_counter()
+        module(x)
+        ms = (time.perf_counter() - t0) * 1e3
+    return max(1, min(1000, math.ceil(min_ms / max(ms, 1e-4))))
+
+
+def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """The input each named submodule receives when ``model(x)`` runs (first call, cloned)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(mod, inputs):
+            if name not in seen:
+                seen[name] = inputs[0].detach().clone()
+        return fn
+
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    try:
+        with eval_mode(model), torch.inference_mode():
+            model(x)
+    except DecomposeError:
+        raise
+    except Exception as e:
+        shape = "x".join(map(str, x.shape[1:]))
+        raise DecomposeError(f"the model fails on a batch of {shape} inputs ({first_line(e, 160)});"
+                             " check the input shape and that the model runs") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.trace import infer_input_shape
+from ..engine.trace import dtype_device, eval_mode, infer_input_shape
 from ..errors import DecomposeError
+from ..errors import first_line as _first_line
 from ..measure.clock import Latency, compare_latency
 from .files import atomic_write
 
@@ -104,17 +105,6 @@ def require_onnx(dynamo: bool = False) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
-@contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence torch's notices about the deprecated exporters we call on purpose, and keep
     anything an exporter prints off stdout (where results go). TracerWarnings still show."""
@@ -127,22 +117,12 @@ def _quiet_exporter() -> Iterator[None]:
             yield
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
-
-
-def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if p is None:
-        return torch.float32, torch.device("cpu")
-    return p.dtype, p.device
 
 
 def example(model: nn.Module, input_shape: tuple[int, ...], batch: int, seed: int = 0
             ) -> torch.Tensor:
     """Seeded standard-normal input of ``(batch, *input_shape)`` in the model's dtype/device."""
-    dtype, device = _dtype_device(model)
+    dtype, device = dtype_device(model)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *input_shape, generator=g).to(dtype=dtype, device=device)
 
@@ -302,7 +282,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
     x = example(model, shape, max(batch_size, 2) if dynamo and dynamic_batch else batch_size)
 
     def write(tmp: str) -> None:
-        with _eval(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             try:
                 with _quiet_exporter():
                     _torch_onnx_export(model, x, tmp, opset, dynamic_batch, dynamo)
@@ -356,7 +336,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
     x = example(model, shape, batch_size)
 
     def write(tmp: str) -> None:
-        with _eval(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             try:
                 with _quiet_exporter():
                     ts = torch.jit.trace(model, x) if method == "trace" else torch.jit.script(model)

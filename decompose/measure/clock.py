@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.trace import eval_mode
+
 Timer = Callable[[], float]
 
 
@@ -84,19 +86,6 @@ def _quantile(xs: tuple[float, ...], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-@contextmanager
-def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
-    saved = [[(m, m.training) for m in mod.modules()] for mod in modules]
-    try:
-        for mod in modules:
-            mod.eval()
-        yield
-    finally:
-        for flags in saved:
-            for m, training in flags:
-                m.training = training
 
 
 @contextmanager
@@ -177,7 +166,7 @@ def compare_latency(modules: Mapping[str, Callable[..., Any]], x: Any, *, repeat
     # CUDA kernels run asynchronously: without a barrier the clock would read launch time only
     sync = torch.cuda.synchronize if _on_cuda(modules, args) else _no_sync
     samples: dict[str, list[float]] = {n: [] for n in names}
-    with _threads(threads), _eval_mode(nn_modules), torch.inference_mode():
+    with _threads(threads), eval_mode(*nn_modules), torch.inference_mode():
         used_threads = torch.get_num_threads()
         for _ in range(warmup):
             for n in names:

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..engine.trace import calls_for as _calls_for
+from ..engine.trace import capture_inputs, eval_mode
+from ..engine.trace import device_of as _device
 from ..errors import DecomposeError
 from ..methods.nd.forms import is_channels_last, to_channels_last_
 from ..planning.plan import LayerPlan
@@ -40,24 +41,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------- helpers
-@contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Every module of ``models`` in eval mode inside the block; the flags are restored after."""
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
     """``model(x)`` with a failure turned into one line that says what to check."""
     try:
@@ -221,16 +204,6 @@ def measure_output_error(original: nn.Module, decomposed: nn.Module, layers: lis
 
 
 # ------------------------------------------------------------------------------------- latency
-def _calls_for(module: nn.Module, x: torch.Tensor, min_ms: float) -> int:
-    """How many calls make one timed sample last at least ``min_ms`` (1 to 1000)."""
-    with torch.inference_mode():
-        module(x)
-        t0 = time.perf_counter()
-        module(x)
-        ms = (time.perf_counter() - t0) * 1e3
-    return max(1, min(1000, math.ceil(min_ms / max(ms, 1e-4))))
-
-
 def _time_pair(before: nn.Module, after: nn.Module, x: torch.Tensor, *, repeats: int,
                warmup: int, threads: int | None, min_sample_ms: float,
                same_layout: nn.Module | None = None) -> dict[str, Any]:
@@ -259,29 +232,6 @@ def _same_layout_original(original: nn.Module, decomposed_cl: bool) -> nn.Module
         to_channels_last_(twin)
         return twin
     return None
-
-
-def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
-                   ) -> dict[str, torch.Tensor]:
-    """The input each named submodule receives when ``model(x)`` runs (first call, cloned)."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook(name: str):
-        def fn(mod, inputs):
-            if name not in seen:
-                seen[name] = inputs[0].detach().clone()
-        return fn
-
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
-    try:
-        with eval_mode(model), torch.inference_mode():
-            _forward(model, x, "original")
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def latency_input(model: nn.Module, input_shape: Sequence[int], batch_size: int,

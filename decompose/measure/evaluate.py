@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data import check_input_shape
 from ..errors import DecomposeError
+from ..errors import first_line as _first_line
 from ..progress import progress as _progress
 
 
@@ -46,9 +47,6 @@ class EvalResult:
         return asdict(self)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..config import DecoupleConfig
+from ..engine.trace import calls_for, capture_inputs
 from ..errors import BudgetError
 from ..measure.clock import Timer, allocator_settings, compare_latency, speedups
 from ..methods.nd.forms import AUTO_MARGIN, auto_form, estimated_speedup, fast_form
@@ -91,7 +92,6 @@ class LayerTimer:
 
     def input_of(self, name: str) -> torch.Tensor:
         if self._inputs is None:
-            from ..measure.compare import capture_inputs
             names = [n for n, m in self.model.named_modules() if is_conv(m)]
             self._inputs = capture_inputs(self.model, names, self.x)
         return self._inputs[name]
@@ -128,9 +128,8 @@ class LayerTimer:
 
 
 def _calls_for(module: nn.Module, x: torch.Tensor) -> int:
-    from ..measure.compare import _calls_for as calls
     with torch.no_grad():
-        return calls(module, x, MIN_SAMPLE_MS)
+        return calls_for(module, x, MIN_SAMPLE_MS)
 
 
 def forms_for(form: str, seq: nn.Module, rank: int) -> list[str]:

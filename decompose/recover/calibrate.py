@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.trace import device_of as _device
+from ..engine.trace import eval_mode
 from ..errors import DecomposeError
-from ..measure.compare import eval_mode
 from ..methods.nd import refit
 from ..methods.nd.layers import decoupled_order, decoupled_rank, is_conv, is_decoupled
 from ..progress import progress as _progress
@@ -98,11 +99,6 @@ class CalibrationReport:
 
 
 # ------------------------------------------------------------------------------------ inputs
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class _Inputs:
