@@ -1,48 +1,47 @@
-"""decompose: data-free Network Decoupling of trained PyTorch convolutions.
+"""decompose: low-rank factorization of trained PyTorch convolutions, with honest reports.
 
-Public API::
+Network Decoupling (depthwise-separable terms, one SVD per channel) is the default method; the
+registry in :mod:`decompose.methods` holds every method the planner can use. Public API::
 
-    decompose_(model, config)   # in place; returns a Report
-    decompose(model, config)    # on a copy; returns (model, Report)
-    plan(model, config)         # dry run; returns a Report
-    DecoupleConfig(rank=..., energy=..., target_macs=..., target_params=..., order=...)
-    load(path) / load_model(path, arch=..., allow=..., trust=...) / save_model(model, path)
-    calibrate_(model, original, batches)              # label-free refit, in place
-    compress_(model, config, calibration=batches)     # decompose_, then calibrate_, in place
+    decompose_(model, config, calibration=None)   # in place: factor (and calibrate); a Report
+    plan(model, config)                            # dry run; a Report
+    save(model, path, report) / load(path)         # decompose's file format, safe loading
+    calibrate_(model, original, batches, CalibrationConfig(...))   # label-free refit, in place
     finetune(model, train_loader, val_loader, teacher=original, config=FinetuneConfig(...))
+    DecomposeConfig, CalibrationConfig, FinetuneConfig, Report, DecomposeError
+    register_method(MyMethod)                      # add a factorization
+
+Everything else lives in its package: :mod:`decompose.api` (the steps of ``decompose_``),
+:mod:`decompose.methods`, :mod:`decompose.planning`, :mod:`decompose.recover`,
+:mod:`decompose.measure`, :mod:`decompose.io`, :mod:`decompose.data`, :mod:`decompose.models`.
 """
 
-from .api import apply_plan, decompose, decompose_, finalize_forms_, plain_forms_, plan
-from .config import DecoupleConfig
+from .api import decompose_, plan, save
+from .config import (
+    CalibrationConfig,
+    DecomposeConfig,
+    DecoupleConfig,  # noqa: F401  (the old name, kept importable)
+)
 from .errors import DecomposeError
-from .io.files import load, load_model, save_model
-from .methods.nd.layers import decouple_conv, is_decoupled
-from .pipeline import compress_
-from .recover.calibrate import CalibrationReport, calibrate_
-from .recover.finetune import FinetuneConfig, FinetuneResult, finetune
+from .io.files import load
+from .methods import register as register_method
+from .recover.calibrate import calibrate_
+from .recover.finetune import FinetuneConfig, finetune
 from .report import Report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "CalibrationReport",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "calibrate_",
-    "compress_",
-    "finalize_forms_",
-    "finetune",
-    "plain_forms_",
+    "CalibrationConfig",
+    "DecomposeConfig",
     "DecomposeError",
-    "DecoupleConfig",
+    "FinetuneConfig",
     "Report",
-    "apply_plan",
-    "decompose",
+    "calibrate_",
     "decompose_",
-    "decouple_conv",
-    "is_decoupled",
+    "finetune",
     "load",
-    "load_model",
     "plan",
-    "save_model",
+    "register_method",
+    "save",
 ]

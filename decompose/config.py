@@ -1,7 +1,11 @@
-"""The decoupling config: one frozen dataclass, validated on creation, round-trips through JSON.
+"""The configs: one frozen dataclass per concern, validated on creation, versioned JSON.
 
-A CLI run and a script build the same object, and a saved model records it, so a decomposed file
-can always say how it was made (torchao's config pattern).
+:class:`DecomposeConfig` says how to factor a model (method, rank rule, forms, timing);
+:class:`CalibrationConfig` how to refit it on unlabeled images; fine-tuning has
+:class:`decompose.recover.finetune.FinetuneConfig`. A CLI run and a script build the same
+objects, and a saved model records them, so a decomposed file can always say how it was made
+(torchao's config pattern). ``to_dict`` writes ``_type`` and ``_version``; ``from_dict`` reads
+any version up to the current one (older dicts without them too) and refuses newer ones.
 """
 
 from __future__ import annotations
@@ -13,21 +17,42 @@ from typing import Any
 from .errors import DecomposeError
 
 ORDERS = ("auto", "dw-pw", "pw-dw")
+CALIB_METHODS = ("joint", "last")
 FORMS = ("plain", "dw1", "auto", "fastest")
 RULES = ("rank", "energy", "target_macs", "target_params", "target_latency")
 BUDGETS = ("target_macs", "target_params", "target_latency")
 ALLOCATIONS = ("kernel", "output")
 
 
+def _versioned(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without its ``_type``/``_version`` keys, after checking them."""
+    d = dict(d)
+    kind, version = d.pop("_type", cls.__name__), d.pop("_version", 1)
+    names = {cls.__name__, *getattr(cls, "ALIASES", ())}
+    if kind not in names:
+        raise DecomposeError(f"this is a {kind} dict, not a {cls.__name__}; pass it to "
+                             f"{kind}.from_dict")
+    if not isinstance(version, int) or version > cls.VERSION:
+        raise DecomposeError(f"{cls.__name__} version {version!r} is newer than this decompose "
+                             f"reads ({cls.VERSION}); upgrade decompose")
+    return d
+
+
 @dataclass(frozen=True)
-class DecoupleConfig:
-    """How to decouple a model's convolutions (Network Decoupling, Guo et al. 2018).
+class DecomposeConfig:
+    """How to factor a model's convolutions: which method, which ranks, which forms.
 
     Exactly one way of choosing ranks may be given; with none, ``rank=1``.
 
     Args:
-        rank: keep T depthwise-separable terms per layer (integer >= 1), capped at each layer's
-            full rank.
+        method: a registered method (``decompose.methods.names()``: ``"nd"`` is Network
+            Decoupling, Guo et al. 2018), ``"auto"`` (per layer, the method, variant and rank
+            with the least summed error under the budget, over every method that takes part
+            in auto) or a comma list of methods (auto restricted to those). Several methods need a
+            budget (``target_macs``, ``target_params`` or ``target_latency``). Default ``"nd"``.
+        rank: keep T terms (the method's rank) per layer (integer >= 1), capped at each layer's
+            full rank; ``"full"`` forces the exact rank everywhere, even where it costs more
+            than the original (to check that a model is reproduced).
         energy: keep the fewest terms whose squared singular values reach this fraction
             (0 < energy <= 1) of the layer's total, per layer.
         target_macs: global budget: the decomposable layers may cost at most this fraction
@@ -73,7 +98,7 @@ class DecoupleConfig:
             fast on CPU (docs/layouts.md). The planner times in this layout. Default False.
     """
 
-    rank: int | None = None
+    rank: int | str | None = None
     energy: float | None = None
     target_macs: float | None = None
     target_params: float | None = None
@@ -91,6 +116,11 @@ class DecoupleConfig:
     latency_margin: float = 1.05
     channels_last: bool = False
     allocation: str = "kernel"
+    method: str = "nd"
+    seed: int = 0
+
+    VERSION = 2
+    ALIASES = ("DecoupleConfig",)
 
     def __post_init__(self) -> None:
         chosen = [n for n in RULES if getattr(self, n) is not None]
@@ -100,9 +130,10 @@ class DecoupleConfig:
                 f"--target-latency (got {', '.join(chosen)})")
         if not chosen:
             object.__setattr__(self, "rank", 1)
-        if self.rank is not None:
+        if self.rank is not None and self.rank != "full":
             if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-                raise DecomposeError(f"rank must be an integer >= 1, got {self.rank!r}; try --rank 1")
+                raise DecomposeError(f"rank must be an integer >= 1 or 'full', got {self.rank!r}; "
+                                     "try --rank 1")
         if self.energy is not None:
             e = self.energy
             if not isinstance(e, (int, float)) or not (0 < e <= 1):
@@ -142,8 +173,26 @@ class DecoupleConfig:
                 raise DecomposeError(f"input shape must be positive integers like 3,32,32, got {self.input_shape!r}")
             object.__setattr__(self, "input_shape", shape)
         for k, v in dict(self.rank_overrides).items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise DecomposeError(f"rank override for {k} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.method, str):
+            raise DecomposeError(f"method must be a name like 'nd', got {self.method!r}")
+        from .methods import get, resolve
+        chosen = resolve(self.method)
+        object.__setattr__(self, "method", ",".join(chosen) if "," in self.method else
+                           self.method.strip())
+        if len(chosen) > 1 and self.selection not in BUDGETS:
+            raise DecomposeError(f"--method {self.method} chooses among methods under a budget: "
+                                 "give --target-macs, --target-params or --target-latency "
+                                 "(e.g. --target-macs 0.5)")
+        if self.energy is not None:
+            lacking = [n for n in chosen if not get(n).has_energy]
+            if lacking:
+                raise DecomposeError(f"--energy needs singular values, which {', '.join(lacking)} "
+                                     "does not have; use --rank or a budget such as "
+                                     "--target-macs 0.5")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DecomposeError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
     def selection(self) -> str:
@@ -155,6 +204,12 @@ class DecoupleConfig:
         return "rank"  # pragma: no cover - __post_init__ sets rank
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The registered methods this config draws on."""
+        from .methods import resolve
+        return resolve(self.method)
+
+    @property
     def timed(self) -> bool:
         """Whether planning times layers on this machine."""
         return self.latency_aware or self.form == "fastest" or self.target_latency is not None
@@ -164,10 +219,11 @@ class DecoupleConfig:
         d["include"] = list(self.include)
         d["exclude"] = list(self.exclude)
         d["input_shape"] = list(self.input_shape) if self.input_shape else None
-        return d
+        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DecoupleConfig:
+    def from_dict(cls, d: dict[str, Any]) -> DecomposeConfig:
+        d = _versioned(cls, d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -177,4 +233,77 @@ class DecoupleConfig:
             d["input_shape"] = tuple(d["input_shape"])
         d["include"] = tuple(d.get("include") or ())
         d["exclude"] = tuple(d.get("exclude") or ())
+        return cls(**d)
+
+
+#: The name this config had before other methods joined Network Decoupling.
+DecoupleConfig = DecomposeConfig
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How to refit factorized layers to the original's outputs on unlabeled images.
+
+    Args:
+        samples: use at most this many images. Default 512.
+        method: ``"joint"`` fits every factor of each layer (the method's own solve, or the
+            generic least-squares fit of the composed kernel); ``"last"`` only the conv that
+            produces the output. Default ``"joint"``.
+        ridge: regularisation of every least-squares solve, relative to the mean diagonal of
+            its normal matrix, pulling towards the current weights (>= 0). Default 1e-4.
+        iterations: alternating rounds of a joint fit after the first solve. Default 1.
+        add_bias: give layers without a bias one (fitted too). Default False.
+        pixels_per_image: a seeded random subset of at most this many output pixels per image
+            in each layer's statistics (None: all). Default 256.
+        cache_mb: memory for paused forward passes. Default 1024.
+        seed: seed of the pixel subsets. Default 0.
+        allocation_samples: with ``allocation="output"``, the budget's output errors are
+            measured on the first this many images. Default 128.
+    """
+
+    samples: int = 512
+    method: str = "joint"
+    ridge: float = 1e-4
+    iterations: int = 1
+    add_bias: bool = False
+    pixels_per_image: int | None = 256
+    cache_mb: float = 1024
+    seed: int = 0
+    allocation_samples: int = 128
+
+    VERSION = 1
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, v: Any, allow_none: bool = False, minimum: int = 1) -> None:
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise DecomposeError(f"{name} must be an integer >= {minimum}, got {v!r}")
+        positive_int("samples", self.samples)
+        positive_int("iterations", self.iterations, minimum=0)
+        positive_int("pixels_per_image", self.pixels_per_image, allow_none=True)
+        positive_int("seed", self.seed, minimum=0)
+        positive_int("allocation_samples", self.allocation_samples)
+        if self.method not in CALIB_METHODS:
+            raise DecomposeError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, "
+                                 f"got {self.method!r}; try --calib-method joint")
+        for name in ("ridge", "cache_mb"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise DecomposeError(f"{name} must be a number >= 0, got {v!r}")
+        if not isinstance(self.add_bias, bool):
+            raise DecomposeError(f"add_bias must be True or False, got {self.add_bias!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_type": type(self).__name__, "_version": self.VERSION,
+                **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibrationConfig:
+        d = _versioned(cls, d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DecomposeError(f"unknown calibration config keys {sorted(unknown)}; known: "
+                                 f"{sorted(known)}")
         return cls(**d)

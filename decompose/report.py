@@ -7,14 +7,102 @@ add their objects to the same report.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
-from .planning.plan import LayerPlan
+#: LayerPlan fields that are set only by some stages; absent from the JSON while unset.
+_OPTIONAL = ("form", "planned_output_error", "plan_ms_before", "plan_ms_after",
+             "output_rel_error", "latency_before_ms", "latency_after_ms", "latency_speedup")
+
+
+@dataclass
+class LayerPlan:
+    """One convolution: what it was, what it becomes, and what that costs and keeps.
+
+    ``skipped`` is None for a layer that is factorized, else the reason it is left as it is.
+    ``method``/``variant``/``rank`` say how (``variant`` is ND's order, ``"dw-pw"`` or
+    ``"pw-dw"``; ``""`` for methods without variants); ``max_rank`` is the method's exact rank.
+    ``kernel_error`` is ``||W - W_hat||_F / ||W||_F`` and ``energy`` the kept fraction of
+    squared singular values (None for methods without one; 0 and 1 for skipped layers).
+
+    Later stages fill the rest: ``form`` (the layout the layer is built in), the planner's
+    timings ``plan_ms_before/after`` and ``planned_output_error`` (``allocation="output"``),
+    the measured ``output_rel_error`` and ``latency_before_ms/after_ms/speedup``.
+    """
+
+    name: str
+    kernel_shape: tuple[int, ...]
+    groups: int
+    method: str | None = None
+    variant: str | None = None
+    rank: Any = None
+    max_rank: Any = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    kernel_error: float = 0.0
+    energy: float | None = 1.0
+    skipped: str | None = None
+    form: str | None = None
+    planned_output_error: float | None = None
+    plan_ms_before: float | None = None
+    plan_ms_after: float | None = None
+    output_rel_error: float | None = None
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    latency_speedup: float | None = None
+
+    #: (candidate, option) the plan was made from, for building it; not part of the JSON.
+    choice = None
+
+    @property
+    def order(self) -> str | None:
+        """ND's order (the variant), kept for the report's ``order`` column."""
+        return self.variant
+
+    def take(self, cand: Any, i: int) -> LayerPlan:
+        """Record option ``i`` of the candidate ``cand`` (a
+        :class:`decompose.methods.base.Candidate`) as this layer's plan."""
+        self.method, self.variant = cand.method, cand.variant
+        self.rank, self.max_rank = cand.ranks[i], cand.max_rank
+        self.macs_after, self.params_after = cand.macs[i], cand.params[i]
+        self.kernel_error = cand.errors[i]
+        self.energy = cand.energies[i] if cand.energies is not None else None
+        self.planned_output_error = (cand.output_errors[i] if cand.output_errors is not None
+                                     else None)
+        self.skipped = None
+        self.choice = (cand, i)
+        return self
+
+    def keep(self, reason: str) -> LayerPlan:
+        """Turn a planned layer back into a kept original, with the reason."""
+        self.method = self.variant = self.rank = self.form = None
+        self.macs_after, self.params_after = self.macs_before, self.params_before
+        self.kernel_error, self.energy = 0.0, 1.0
+        self.planned_output_error = None
+        self.skipped = reason
+        self.choice = None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in _OPTIONAL and v is None:
+                continue
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        d["order"] = self.variant
+        return d
 
 
 @dataclass
 class Report:
+    """What a plan or a decomposition did: per-layer rows, totals, the config, and what later
+    stages measured (accuracy, output error, latency) or did (BN folding, the latency plan,
+    output-error allocation, calibration). Every field is typed; ``to_dict`` is the JSON of
+    docs/report.md."""
+
     layers: list[LayerPlan]
     totals: dict[str, Any]
     config: dict[str, Any]
@@ -24,7 +112,11 @@ class Report:
     accuracy: dict[str, Any] | None = None
     output_error: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    folded_bn: list[list[str]] | None = None
+    latency_plan: dict[str, Any] | None = None
+    allocation: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    already_decomposed: list[Any] | None = None
 
     @property
     def decomposed(self) -> list[LayerPlan]:
@@ -39,10 +131,10 @@ class Report:
             "input_shape_source": self.input_shape_source,
             "output": self.output,
         }
-        for key in ("accuracy", "output_error", "latency"):
+        for key in ("accuracy", "output_error", "latency", "folded_bn", "latency_plan",
+                    "allocation", "calibration", "already_decomposed"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
-        d.update(self.extra)
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -74,6 +166,10 @@ def totals(layers: list[LayerPlan], params_before: int, params_after: int,
     }
 
 
+def _rank(r: Any) -> str:
+    return "x".join(map(str, r)) if isinstance(r, (tuple, list)) else str(r)
+
+
 def _num(n: int) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
@@ -87,10 +183,13 @@ def _fmt_ms(v: Any) -> str:
 
 def render_table(r: Report) -> str:
     """A fixed-width per-layer table with totals below (what the CLI prints on stdout)."""
-    has_lat = any("latency_before_ms" in lp.extra for lp in r.layers)
-    has_out = any("output_rel_error" in lp.extra for lp in r.layers)
-    has_form = any("form" in lp.extra for lp in r.layers)
-    head = ["layer", "kernel", "order", "rank", "params", "MACs", "kern.err", "energy"]
+    has_lat = any(lp.latency_before_ms is not None for lp in r.layers)
+    has_out = any(lp.output_rel_error is not None for lp in r.layers)
+    has_form = any(lp.form is not None for lp in r.layers)
+    methods = {lp.method for lp in r.decomposed}
+    has_method = bool(methods - {"nd"})
+    head = ["layer", "kernel"] + (["method"] if has_method else []) + [
+        "order", "rank", "params", "MACs", "kern.err", "energy"]
     if has_form:
         head.append("form")
     if has_out:
@@ -101,24 +200,24 @@ def render_table(r: Report) -> str:
     rows = []
     for lp in r.layers:
         done = lp.skipped is None
-        row = [
-            lp.name,
-            "x".join(map(str, lp.kernel_shape)),
-            lp.order or "-",
-            f"{lp.rank}/{lp.max_rank}" if done else "-",
+        row = [lp.name, "x".join(map(str, lp.kernel_shape))]
+        if has_method:
+            row.append(lp.method or "-")
+        row += [
+            lp.variant or "-",
+            f"{_rank(lp.rank)}/{_rank(lp.max_rank)}" if done else "-",
             f"{_num(lp.params_before)}→{_num(lp.params_after)}",
             f"{_num(lp.macs_before)}→{_num(lp.macs_after)}",
             f"{lp.kernel_error:.4f}" if done else "-",
-            f"{lp.energy:.4f}" if done else "-",
+            f"{lp.energy:.4f}" if done and lp.energy is not None else "-",
         ]
         if has_form:
-            row.append(str(lp.extra.get("form", "-")))
+            row.append(lp.form or "-")
         if has_out:
-            v = lp.extra.get("output_rel_error")
+            v = lp.output_rel_error
             row.append("-" if v is None else f"{v:.4f}")
         if has_lat:
-            row.append(f"{_fmt_ms(lp.extra.get('latency_before_ms'))}→"
-                       f"{_fmt_ms(lp.extra.get('latency_after_ms'))}")
+            row.append(f"{_fmt_ms(lp.latency_before_ms)}→{_fmt_ms(lp.latency_after_ms)}")
         row.append(lp.skipped or "")
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
@@ -159,9 +258,9 @@ def render_table(r: Report) -> str:
             lines.append(f"        the decomposed model computes channels_last; against the original "
                          f"laid out channels_last too ({lat['before_same_layout_ms']:.2f} ms) it is "
                          f"{_speed(lat['speedup_same_layout'])}: that part is decoupling's")
-    if r.extra.get("allocation"):
+    if r.allocation:
         lines.append(f"ranks   the budget minimised relative output errors measured on "
-                     f"{r.extra['allocation']['images']} calibration images (--allocate output)")
+                     f"{r.allocation['images']} calibration images (--allocate output)")
     if r.output:
         lines.append(f"wrote   {r.output}")
     return "\n".join(lines)

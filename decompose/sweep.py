@@ -9,7 +9,7 @@
     result.to_csv("sweep.csv")
 
 Each setting decomposes a fresh copy of the model (and, given calibration images, calibrates it:
-:func:`decompose.pipeline.compress_`, the same chain as ``decompose MODEL --calibrate DIR``) and
+:func:`decompose.decompose_` with calibration, the same chain as ``decompose MODEL --calibrate DIR``) and
 gets one row: the MACs and parameter ratios (whole model), the mean kernel error over the
 decoupled layers (before calibration), top-1/top-5 on the same images as the original (evaluated
 once), the SQNR of the outputs, and the measured speed-up of the whole model (original and
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from . import api
-from .config import BUDGETS, DecoupleConfig
+from .api import decompose_, measure_curves, reusable_batches
+from .config import BUDGETS, CalibrationConfig, DecomposeConfig
 from .errors import BudgetError, DecomposeError
 from .measure.compare import (
     accuracy_dict,
@@ -45,7 +46,6 @@ from .measure.compare import (
     measure_latency,
     sqnr_db,
 )
-from .pipeline import ALLOCATION_SAMPLES, compress_, measure_curves, reusable_batches
 from .progress import is_quiet, progress
 from .report import Report
 
@@ -63,8 +63,8 @@ COLUMNS = ["setting", "rule", "value", "order", "layers_decomposed", "macs_ratio
 
 def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
                   targets: Iterable[float] = (), orders: Iterable[str] = ("auto",), *,
-                  latency_targets: Iterable[float] = (), **common: Any) -> list[DecoupleConfig]:
-    """One :class:`DecoupleConfig` per (value, order): every rank, then every energy, then every
+                  latency_targets: Iterable[float] = (), **common: Any) -> list[DecomposeConfig]:
+    """One :class:`DecomposeConfig` per (value, order): every rank, then every energy, then every
     MACs target, then every latency target (``target_latency``: the whole model timed on this
     machine takes at most this fraction of the original's time), each in every order.
 
@@ -76,7 +76,7 @@ def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
     orders = list(orders)
     common = dict(common)
     allocation = common.pop("allocation", "kernel")
-    DecoupleConfig(**common)  # a bad common field: its own message, not a rule's flag
+    DecomposeConfig(**common)  # a bad common field: its own message, not a rule's flag
     out = []
     for rule, values in (("rank", ranks), ("energy", energies), ("target_macs", targets),
                          ("target_latency", latency_targets)):
@@ -84,7 +84,7 @@ def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
         for v in values:
             for order in orders:
                 try:
-                    out.append(DecoupleConfig(**{rule: v}, order=order, **common, **extra))
+                    out.append(DecomposeConfig(**{rule: v}, order=order, **common, **extra))
                 except DecomposeError as e:
                     # the config's own hint names the main command's flag (--rank 1, ...)
                     why = str(e).split("; try ")[0]
@@ -96,7 +96,7 @@ def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
     return out
 
 
-def _label(config: DecoupleConfig) -> tuple[str, str, float]:
+def _label(config: DecomposeConfig) -> tuple[str, str, float]:
     rule = config.selection
     value = getattr(config, rule)
     return f"{SHORT[rule]}={value:g} {config.order}", rule, value
@@ -202,12 +202,13 @@ def _output_sqnr(reference: list[torch.Tensor], model: nn.Module, xs: list[torch
     return sqnr_db(signal, noise)
 
 
-def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
+def sweep(model: nn.Module, configs: Sequence[DecomposeConfig], *,
           batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
           meta: dict | None = None, latency: bool = True, latency_batch: int = 1,
           repeats: int = 20, threads: int | None = None, error_images: int = 256,
-          calibration: Iterable[Any] | None = None, calib_samples: int = 512,
-          refit_depthwise: bool = True, timer: Any = None, latency_fn: Any = None,
+          calibration: Iterable[Any] | None = None,
+          calibration_config: CalibrationConfig | None = None, timer: Any = None,
+          latency_fn: Any = None,
           quiet: bool | None = None) -> SweepResult:
     """Decompose a copy of ``model`` with every config and measure each (``model`` is unchanged).
 
@@ -220,27 +221,27 @@ def sweep(model: nn.Module, configs: Sequence[DecoupleConfig], *,
         latency: time every setting against the original (whole model). Default True.
         latency_batch, repeats, threads: as in :func:`decompose.measure.compare.measure_latency`.
         error_images: images for the output SQNR. Default 256.
-        calibration: unlabeled input batches; each decoupled setting is then calibrated against
-            ``model`` (:func:`decompose.pipeline.compress_`) before it is measured. A one-shot
-            iterator is read once (at most ``calib_samples`` images kept in memory) and reused
-            for every setting. None: no calibration.
-        calib_samples, refit_depthwise: as in :func:`decompose.pipeline.compress_`.
+        calibration: unlabeled input batches; each factorized setting is then calibrated
+            against ``model`` (:func:`decompose.decompose_` with ``calibration``) before it is
+            measured. A one-shot iterator is read once (at most ``calibration_config.samples``
+            images kept in memory) and reused for every setting. None: no calibration.
+        calibration_config: a :class:`decompose.CalibrationConfig` (default: 512 images, joint).
         timer, latency_fn: the planner's clock for timed settings, as in
             :func:`decompose.plan` (tests).
         quiet: silence progress bars (None: as :func:`decompose.progress.quiet_progress` says).
     """
     if not configs:
         raise DecomposeError("nothing to sweep; give at least one setting")
-    calibration = reusable_batches(calibration, calib_samples)
+    cal = calibration_config or CalibrationConfig()
+    calibration = reusable_batches(calibration, cal.samples)
     with eval_mode(model):
         return _sweep(model, configs, batches=batches, meta=meta, latency=latency,
                       latency_batch=latency_batch, repeats=repeats, threads=threads,
-                      error_images=error_images, calibration=calibration,
-                      calib_samples=calib_samples, refit_depthwise=refit_depthwise,
+                      error_images=error_images, calibration=calibration, cal=cal,
                       timer=timer, latency_fn=latency_fn, quiet=quiet)
 
 
-def _untimed(config: DecoupleConfig) -> DecoupleConfig:
+def _untimed(config: DecomposeConfig) -> DecomposeConfig:
     """The same layers and input shape, without any timing (the baseline needs no plan)."""
     return dataclasses.replace(config, rank=1, energy=None, target_macs=None, target_params=None,
                                target_latency=None, form="plain", latency_aware=False,
@@ -248,8 +249,7 @@ def _untimed(config: DecoupleConfig) -> DecoupleConfig:
 
 
 def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, threads,
-           error_images, calibration, calib_samples, refit_depthwise, timer, latency_fn,
-           quiet) -> SweepResult:
+           error_images, calibration, cal, timer, latency_fn, quiet) -> SweepResult:
     first = api.plan(model, _untimed(configs[0]), meta=meta)
     shape = first.input_shape
     baseline: dict[str, Any] = {"macs": first.totals["macs_before"],
@@ -277,16 +277,17 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
         try:
             known = None
             if config.allocation == "output" and calibration is not None:
-                key = (config.fold_bn, config.include, config.exclude)
+                key = (config.fold_bn, config.include, config.exclude, config.method,
+                       config.seed)  # every order is measured: one pass serves them all
                 if key not in curves:
-                    curves[key] = measure_curves(model, config, calibration,
-                                                 min(ALLOCATION_SAMPLES, calib_samples))
+                    curves[key] = measure_curves(model, dataclasses.replace(config, order="auto"),
+                                                 calibration,
+                                                 min(cal.allocation_samples, cal.samples))
                 known = curves[key]
-            report: Report = compress_(new, config, calibration=calibration,
-                                       calib_samples=calib_samples,
-                                       refit_depthwise=refit_depthwise, original=model,
-                                       meta=meta, progress=not is_quiet(quiet), timer=timer,
-                                       latency_fn=latency_fn, error_curves=known)
+            report: Report = decompose_(new, config, calibration=calibration,
+                                        calibration_config=cal, original=model, meta=meta,
+                                        progress=not is_quiet(quiet), timer=timer,
+                                        latency_fn=latency_fn, error_curves=known)
         except BudgetError as e:  # unreachable budget: say so in its row and go on
             rows.append({**dict.fromkeys(COLUMNS), "setting": label, "rule": rule,
                          "value": value, "order": config.order, "layers_decomposed": 0,
@@ -296,7 +297,7 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
             raise DecomposeError(f"setting {label}: {e}") from None
         t = report.totals
         done = report.decomposed
-        cal = report.extra.get("calibration")
+        cal_done = report.calibration
         row: dict[str, Any] = {
             "setting": label, "rule": rule, "value": value, "order": config.order,
             "layers_decomposed": t["layers_decomposed"],
@@ -306,13 +307,13 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
             "mean_kernel_error": (sum(lp.kernel_error for lp in done) / len(done)) if done else None,
             "top1": None, "top5": None, "drop_top1": None, "sqnr_db": None,
             "before_ms": None, "after_ms": None, "speedup": None, "speedup_same_layout": None,
-            "calibrated": cal is not None,
-            "calib_seconds": cal["seconds"] if cal is not None else None,
+            "calibrated": cal_done is not None,
+            "calib_seconds": cal_done["seconds"] if cal_done is not None else None,
             "predicted_latency_fraction":
-                report.extra.get("latency_plan", {}).get("predicted_fraction"),
+                (report.latency_plan or {}).get("predicted_fraction"),
             "ranks": {lp.name: [lp.order, lp.rank] for lp in done},
-            "forms": {lp.name: lp.extra.get("form", "plain") for lp in done},
-            "folded_bn": len(report.extra.get("folded_bn", [])),
+            "forms": {lp.name: lp.form or "plain" for lp in done},
+            "folded_bn": len(report.folded_bn or []),
         }
         if not done:  # the same model as the original: nothing to measure
             if before is not None:

@@ -4,7 +4,7 @@
 
 For each MACs budget: decouple every 3x3 conv but the stem with the budget spread by kernel
 error, and by output error measured on the first 128 of 512 unlabeled training images
-(``decompose.sensitivity``); calibrate both on the same 512 images (``compress_``); score both
+(``decompose.planning.sensitivity``); calibrate both on the same 512 images (``decompose_``); score both
 on the same seeded test subset. Prints one line per (budget, allocation).
 """
 
@@ -20,7 +20,6 @@ from _paths import TEST, TRAIN, load_resnet56
 import decompose
 from decompose.data import calibration_batches, make_loader
 from decompose.measure.compare import cache_batches, evaluate_model
-from decompose.pipeline import compress_
 
 
 def main() -> None:
@@ -41,9 +40,10 @@ def main() -> None:
         for allocation in ("kernel", "output"):
             model = copy.deepcopy(original)
             t = time.perf_counter()
-            rep = compress_(model, decompose.DecoupleConfig(
+            rep = decompose.decompose_(model, decompose.DecomposeConfig(
                 target_macs=target, allocation=allocation, exclude=("conv1",),
-                input_shape=(3, 32, 32)), calibration=calib, calib_samples=args.calib_images,
+                input_shape=(3, 32, 32)), calibration=calib,
+                calibration_config=decompose.CalibrationConfig(samples=args.calib_images),
                 original=original, progress=False)
             seconds = time.perf_counter() - t
             acc = evaluate_model(model, test, quiet=True)["top1"]

@@ -33,9 +33,9 @@ TUNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1
 CHILD = r"""
 import copy, json, resource, sys, torch
 import decompose
-from decompose.fast import to_channels_last_
-from decompose.io import load_model
-from decompose.latency import compare_latency, speedups
+from decompose.engine.layout import to_channels_last_
+from decompose.io.files import load_model
+from decompose.measure.clock import compare_latency, speedups
 threads, batch, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(threads)
 o = load_model(model, arch="decompose.models.cifar_resnet:resnet56").model.eval()

@@ -98,8 +98,8 @@ def main() -> None:
         print(f"{name} {describe(kw)} MACs x{ratio:.3f} uncalibrated: {acc:.2f}", flush=True)
         for method in methods:
             model = copy.deepcopy(plain)
-            cal = calibrate_(model, original, calib, samples=CALIB_SAMPLES,
-                             refit_depthwise=method == "joint", progress=False)
+            cal = calibrate_(model, original, calib, samples=CALIB_SAMPLES, method=method,
+                             progress=False)
             acc = top1(model, test)
             err = sum(lc.error_after for lc in cal.layers) / len(cal.layers)
             rows.append((name, describe(kw), f"{ratio:.3f}", method, acc, acc - refs[name],
@@ -124,7 +124,7 @@ def main() -> None:
 Command (repository root): `{cmd}`
 
 - Calibration: {CALIB_SAMPLES} unlabeled images of ../shared/data/cifar10/train (seed
-  {CALIB_SEED}), `calibrate_` defaults except `refit_depthwise` ("last": False, "joint": True).
+  {CALIB_SEED}), `calibrate_` defaults except its `method` ("last" or "joint").
 - Evaluation: {n_test} images of ../shared/data/cifar10/test, the same images for every row.
 - Decomposition: every 3x3 conv except the stem (`exclude={EXCLUDE}`); "MACs ratio" is the
   multiply-adds of the decoupled layers over those of the convs they replace.

@@ -44,12 +44,13 @@ from decompose.data import make_loader
 from decompose.engine.surgery import replace_module
 from decompose.engine.trace import count_macs, param_count, trace
 from decompose.io.files import load_model
+from decompose.kernels.nd import ORDER_NAMES
 from decompose.measure.clock import compare_latency, speedups
 from decompose.measure.compare import cache_batches, evaluate_model
+from decompose.methods.nd import NetworkDecoupling
 from decompose.methods.nd.forms import fast_form
-from decompose.methods.nd.kernel import ORDER_NAMES
 from decompose.methods.nd.layers import decouple_conv, is_conv
-from decompose.planning.plan import candidates, choose_order
+from decompose.planning.plan import choose
 from decompose.progress import progress
 
 # ----------------------------------------------------------------------------- settings
@@ -91,10 +92,9 @@ def decouple_all(model: torch.nn.Module, rank: int, order: str) -> tuple[torch.n
     errors, chosen = [], {o: 0 for o in ORDER_NAMES}
     for name in targets(model):
         conv = model.get_submodule(name)
-        cands = candidates(conv, shapes[name], ORDER_NAMES)
-        options = {o: (min(rank, c.max_rank), c.errors[min(rank, c.max_rank) - 1],
-                       c.macs(min(rank, c.max_rank))) for o, c in cands.items()}
-        o = choose_order(options) if order == "auto" else order
+        cands = NetworkDecoupling().candidates(conv, shapes[name], ranks=[rank])
+        options = {c.variant: (c.ranks[0], c.errors[0], c.macs[0]) for c in cands}
+        o = choose(options) if order == "auto" else order
         chosen[o] += 1
         errors.append(options[o][1])
         replace_module(new, name, decouple_conv(conv, rank, o))

@@ -30,8 +30,8 @@ from _paths import RESNET56, TEST
 from paired_gap import correct, describe, load, paired
 
 from decompose.data import make_loader
+from decompose.engine.layout import to_channels_last_
 from decompose.measure.clock import allocator_settings, compare_latency, speedups
-from decompose.methods.nd.forms import to_channels_last_
 
 
 def decoupled(model: torch.nn.Module) -> bool:

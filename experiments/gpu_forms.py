@@ -22,7 +22,7 @@ import torch
 from _paths import RESNET56, load_resnet56
 
 import decompose
-from decompose.methods.nd.forms import to_channels_last_
+from decompose.engine.layout import to_channels_last_
 
 
 def models(original: torch.nn.Module, channels_last: bool) -> dict[str, torch.nn.Module]:

@@ -26,11 +26,11 @@ import torch
 from _paths import load_resnet56
 
 import decompose
+from decompose.engine.layout import to_channels_last_
 from decompose.engine.trace import count_macs
 from decompose.io.export import export_onnx, onnx_latency
 from decompose.measure.clock import compare_latency
 from decompose.measure.compare import capture_inputs
-from decompose.methods.nd.forms import to_channels_last_
 
 RUNTIMES = ("eager NCHW", "eager channels_last", "onnxruntime")
 

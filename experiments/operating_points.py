@@ -34,9 +34,9 @@ from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose.data import calibration_batches, make_loader
+from decompose.engine.layout import to_channels_last_
 from decompose.measure.clock import allocator_settings, compare_latency, speedups
 from decompose.measure.compare import cache_batches, evaluate_model, measure_latency
-from decompose.methods.nd.forms import to_channels_last_
 
 
 def settings(batch: int, threads: int, latency_targets: dict[bool, list[float]]):
@@ -106,21 +106,21 @@ def main() -> None:
                "macs_ratio_decomposed": report.totals.get("decomposed_macs_ratio"),
                "macs_before": report.totals["macs_before"],
                "macs_after": report.totals["macs_after"],
-               "forms": sorted({lp.extra.get("form", "plain") for lp in report.decomposed}),
+               "forms": sorted({lp.form or "plain" for lp in report.decomposed}),
                "ranks": sorted({lp.rank for lp in report.decomposed}),
-               "predicted_fraction": report.extra.get("latency_plan", {}).get("predicted_fraction")}
+               "predicted_fraction": (report.latency_plan or {}).get("predicted_fraction")}
         if report.decomposed:
             datafree = evaluate_model(model, test, quiet=True)["top1"]
-            decompose.plain_forms_(model)
+            decompose.api.plain_forms_(model)
             cal = decompose.calibrate_(model, original, calib, samples=args.calib_images,
                                        progress=False)
-            decompose.finalize_forms_(model, report)
+            decompose.api.finalize_forms_(model, report)
             after = evaluate_model(model, test, quiet=True)
             same = original_cl if kw.get("channels_last") else original
             measure_latency(same, model, report.layers, x, repeats=args.layer_repeats,
-                            threads=args.threads, quiet=True)  # fills lp.extra per layer
-            sp = [lp.extra["latency_speedup"] for lp in report.decomposed
-                  if "latency_speedup" in lp.extra]
+                            threads=args.threads, quiet=True)  # fills lp.latency_* per layer
+            sp = [lp.latency_speedup for lp in report.decomposed
+                  if lp.latency_speedup is not None]
             row.update(top1_datafree=datafree, top1=after["top1"],
                        drop=round(100 * (before["top1"] - after["top1"]), 2),
                        calib_seconds=round(cal.seconds, 1),

@@ -98,7 +98,7 @@ def main() -> None:
             mac_red = (tot["decomposed_macs_before"] / tot["decomposed_macs_after"]
                        if tot["decomposed_macs_after"] else 1.0)
             whole_mac_red = tot["macs_before"] / tot["macs_after"]
-            forms = sorted({lp.extra.get("form", "plain") for lp in rep.decomposed})
+            forms = sorted({lp.form or "plain" for lp in rep.decomposed})
             rows.append(dict(
                 layout=layout, variant=name, decomposed=tot["layers_decomposed"],
                 forms="/".join(forms) or "-", ms=res[name].median_ms,

@@ -16,9 +16,10 @@ import decompose
 from decompose.engine.fold import fold_batchnorm_
 from decompose.engine.surgery import replace_module
 from decompose.errors import DecomposeError
-from decompose.methods.nd import refit
-from decompose.methods.nd.layers import CONV_TYPES, decouple_conv, is_conv
-from decompose.planning.plan import structural_skip
+from decompose.kernels import lstsq as refit
+from decompose.methods.convs import CONV_TYPES, is_conv
+from decompose.methods.nd import structural_skip
+from decompose.methods.nd.layers import decouple_conv
 from decompose.recover.calibrate import calibrate_
 
 TOL_EXACT = 1e-4  # relative output change allowed at full rank (float32 forward passes)
@@ -62,7 +63,7 @@ def test_calibration_reduces_held_out_output_error(order, refit_depthwise):
     original, dec = decomposed(tiny_cnn(), rank=1, order=order, input_shape=(3, 16, 16))
     x_cal, x_test = smooth(64, 3, 16, 16, seed=1), smooth(64, 3, 16, 16, seed=2)
     before = out_err(dec, original, x_test)
-    rep = calibrate_(dec, original, list(x_cal.split(16)), refit_depthwise=refit_depthwise,
+    rep = calibrate_(dec, original, list(x_cal.split(16)), method="joint" if refit_depthwise else "last",
                      progress=False)
     after = out_err(dec, original, x_test)
     assert after < 0.8 * before, (before, after)
@@ -74,8 +75,8 @@ def test_joint_fit_beats_last_conv_fit_on_the_calibration_data():
     original, dec = decomposed(tiny_cnn(), rank=1, order="dw-pw", input_shape=(3, 16, 16))
     dec2 = copy.deepcopy(dec)
     x = smooth(64, 3, 16, 16, seed=1)
-    joint = calibrate_(dec, original, x, refit_depthwise=True, progress=False)
-    last = calibrate_(dec2, original, x, refit_depthwise=False, progress=False)
+    joint = calibrate_(dec, original, x, method="joint", progress=False)
+    last = calibrate_(dec2, original, x, method="last", progress=False)
     # same first layer input for both: the joint fit has strictly more freedom there (later
     # layers see different inputs, so only the first comparison is a theorem)
     assert joint.layers[0].error_after < last.layers[0].error_after
@@ -102,7 +103,7 @@ def test_full_rank_stays_exact(order, fold_bn):
         ref = dec(x)
     assert out_err(dec, original, x) < TOL_EXACT
     for refit_depthwise in (True, False):
-        rep = calibrate_(dec, original, x, refit_depthwise=refit_depthwise, progress=False)
+        rep = calibrate_(dec, original, x, method="joint" if refit_depthwise else "last", progress=False)
         with torch.no_grad():
             assert rel_err(dec(x), ref) < TOL_EXACT
         assert all(lc.error_after < REPORT_FLOOR for lc in rep.layers)
@@ -134,7 +135,7 @@ def test_every_conv_option(case, order, refit_depthwise):
     dec[0] = decouple_conv(dec[0], 1, order)
     x = smooth(16, 4, *size)
     before = out_err(dec, original, x)
-    rep = calibrate_(dec, original, x, refit_depthwise=refit_depthwise, iterations=3,
+    rep = calibrate_(dec, original, x, method="joint" if refit_depthwise else "last", iterations=3,
                      progress=False)
     after = out_err(dec, original, x)
     assert after < before
@@ -160,8 +161,8 @@ def test_add_bias_absorbs_a_mean_shift():
     original, dec = decomposed(tiny_cnn(), rank=1, input_shape=(3, 16, 16))
     dec2 = copy.deepcopy(dec)
     x = smooth(64, 3, 16, 16)
-    plain = calibrate_(dec, original, x, refit_depthwise=False, progress=False)
-    biased = calibrate_(dec2, original, x, refit_depthwise=False, add_bias=True, progress=False)
+    plain = calibrate_(dec, original, x, method="last", progress=False)
+    biased = calibrate_(dec2, original, x, method="last", add_bias=True, progress=False)
     assert dec[3][1].bias is None and dec2[3][1].bias is not None
     # layer 0 has a bias either way, so layer 3 sees the same input in both runs, and its
     # (convex) last-conv fit with a bias can only do better
@@ -272,7 +273,7 @@ def test_samples_pairs_and_one_shot_iterators():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda d, o, x: calibrate_(o, copy.deepcopy(o), x), "no decoupled layers"),
+    (lambda d, o, x: calibrate_(o, copy.deepcopy(o), x), "no factorized layers"),
     (lambda d, o, x: calibrate_(d, d, x), "same object"),
     (lambda d, o, x: calibrate_(d, nn.Sequential(nn.Identity()), x), "original model has no conv"),
     (lambda d, o, x: calibrate_(d, o, []), "no calibration images"),
@@ -318,7 +319,7 @@ def test_resnet20_calibration_recovers_accuracy_on_cifar():
     test = list(make_loader(CIFAR / "test", batch_size=250, limit=500, seed=1))
     before = 100 * evaluate(dec, test, progress=False).top1
     calibrate_(dec, original, calibration_batches(CIFAR / "train", n_samples=256, seed=0),
-               refit_depthwise=False, progress=False)
+               method="last", progress=False)
     after = 100 * evaluate(dec, test, progress=False).top1
     ref = 100 * evaluate(original, test, progress=False).top1  # 79.8 on these 500 images
     assert after - before >= MARGIN, (before, after, ref)

@@ -1,4 +1,4 @@
-"""channels_last: the layout option (DecoupleConfig.channels_last / --channels-last).
+"""channels_last: the layout option (DecomposeConfig.channels_last / --channels-last).
 
 Layout changes strides, never values: every check here compares outputs with the contiguous
 model within float tolerance, and checks that the layout survives decoupling, form changes,
@@ -19,9 +19,9 @@ from torch import nn
 import decompose
 from decompose.api import finalize_forms_, plain_forms_
 from decompose.cli import cli
+from decompose.engine.layout import is_channels_last, to_channels_last_
 from decompose.io.files import load_model, save_model
 from decompose.measure.compare import measure_latency
-from decompose.methods.nd.forms import is_channels_last, to_channels_last_
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -63,8 +63,8 @@ def test_conv3d_gets_channels_last_3d_and_conv1d_is_left_alone():
 def test_decompose_channels_last_is_the_same_function(form):
     net = tiny_cnn().eval()
     x = torch.randn(2, 3, 16, 16)
-    plain, _ = decompose.decompose(net, rank=2, input_shape=(3, 16, 16), exclude=("0",))
-    cl, rep = decompose.decompose(net, rank=2, input_shape=(3, 16, 16), form=form,
+    plain, _ = decompose.api.decompose(net, rank=2, input_shape=(3, 16, 16), exclude=("0",))
+    cl, rep = decompose.api.decompose(net, rank=2, input_shape=(3, 16, 16), form=form,
                                   channels_last=True, exclude=("0",))
     assert rep.config["channels_last"] is True
     assert is_channels_last(cl) and not is_channels_last(net)  # decompose() works on a copy
@@ -76,7 +76,7 @@ def test_fully_decoupled_model_follows_its_input_layout():
     """A depthwise (C, 1, k, k) or 1x1 weight has no layout of its own, so a model whose every
     conv is decoupled computes in the layout of its input: feed channels_last input."""
     net = tiny_cnn().eval()
-    new, _ = decompose.decompose(net, rank=1, input_shape=(3, 16, 16), channels_last=True)
+    new, _ = decompose.api.decompose(net, rank=1, input_shape=(3, 16, 16), channels_last=True)
     x = torch.randn(2, 3, 16, 16)
     xcl = x.contiguous(memory_format=torch.channels_last)
     assert all(_activation_layouts(new, xcl))
@@ -110,13 +110,13 @@ def test_layout_survives_save_and_safe_load(tmp_path):
 
 def test_latency_also_times_the_original_in_the_same_layout():
     net = tiny_cnn().eval()
-    new, rep = decompose.decompose(net, rank=1, input_shape=(3, 16, 16), channels_last=True,
+    new, rep = decompose.api.decompose(net, rank=1, input_shape=(3, 16, 16), channels_last=True,
                                    exclude=("0",))
     lat = measure_latency(net, new, rep.layers, torch.randn(2, 3, 16, 16), repeats=3,
                           per_layer=False)
     assert lat["layout"] == "channels_last"
     assert lat["before_same_layout_ms"] > 0 and lat["speedup_same_layout"] > 0
-    plain, rep2 = decompose.decompose(net, rank=1, input_shape=(3, 16, 16))
+    plain, rep2 = decompose.api.decompose(net, rank=1, input_shape=(3, 16, 16))
     lat2 = measure_latency(net, plain, rep2.layers, torch.randn(2, 3, 16, 16), repeats=3,
                            per_layer=False)
     assert "speedup_same_layout" not in lat2 and lat2["layout"] == "as given"

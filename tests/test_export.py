@@ -46,7 +46,7 @@ def model():
 @pytest.fixture
 def model_file(tmp_path, model):
     path = tmp_path / "small.decomposed.pt"
-    decompose.save_model(model, path, {"input_shape": list(SHAPE)})
+    decompose.io.files.save_model(model, path, {"input_shape": list(SHAPE)})
     return path
 
 

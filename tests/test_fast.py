@@ -14,6 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from decompose.kernels.nd import factorize
+from decompose.methods import LowRankConv
+from decompose.methods.convs import CONV_TYPES
 from decompose.methods.nd.forms import (
     CUSTOM_MODULES,
     FORMS,
@@ -26,8 +29,7 @@ from decompose.methods.nd.forms import (
     form_name,
     rebuilt_weight,
 )
-from decompose.methods.nd.kernel import factorize
-from decompose.methods.nd.layers import CONV_TYPES, decouple_conv, decoupled_rank
+from decompose.methods.nd.layers import decouple_conv, decoupled_rank
 
 RTOL, ATOL = 1e-4, 1e-5
 ATOL64 = 1e-12
@@ -168,7 +170,7 @@ def test_dw1_structure():
 def test_dense_is_rebuilt_kernel():
     conv = make_conv(2, cin=4, cout=6, groups=2, dtype=torch.float64)
     f = factorize(conv.weight, 2, "dw-pw")
-    from decompose.methods.nd.kernel import rebuild
+    from decompose.kernels.nd import rebuild
     seq = decouple_conv(conv, 2, "dw-pw", factors=f)
     w, b = rebuilt_weight(seq)
     torch.testing.assert_close(w, rebuild(f, 2), rtol=0, atol=1e-12)
@@ -254,7 +256,7 @@ def test_weights_only_load_with_allowlist(order):
     m, x = _modules(order)
     buf = io.BytesIO()
     torch.save(m, buf)
-    allow = [nn.Sequential, nn.Conv2d, *CUSTOM_MODULES]
+    allow = [nn.Sequential, nn.Conv2d, LowRankConv, *CUSTOM_MODULES]
     buf.seek(0)
     assert set(torch.serialization.get_unsafe_globals_in_checkpoint(buf)) <= {
         f"{c.__module__}.{c.__qualname__}" for c in allow}

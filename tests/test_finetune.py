@@ -66,7 +66,7 @@ def files(tmp_path_factory):
     np.savez(d / "noy.npz", x=xtr[:50].numpy())
     teacher = train_digits_cnn(epochs=2)
     save_model(teacher, d / "teacher.pt")
-    student, _ = decompose.decompose(teacher, rank=1)
+    student, _ = decompose.api.decompose(teacher, rank=1)
     save_model(student, d / "student.pt")
     torch.manual_seed(1)
     save_model(digits_cnn(num_classes=5), d / "teacher5.pt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decompose.methods.nd.kernel import (
+from decompose.kernels.nd import (
     depthwise_pointwise_weights,
     energy_curve,
     error_curve,
@@ -73,7 +73,7 @@ def test_signs_are_deterministic():
 
 def _random_blocks_error(w, groups, order, t, gen):
     """Error of a random sum of T separable blocks of the same order (best pointwise fit)."""
-    from decompose.methods.nd.kernel import slices
+    from decompose.kernels.nd import slices
     m = slices(w, groups, order)  # (n, a, K)
     v = torch.randn(m.shape[0], m.shape[2], t, dtype=w.dtype, generator=gen)  # random filters
     # best coefficients for these filters: least squares M ~ C V^T
@@ -96,7 +96,7 @@ def test_svd_beats_random_separable_blocks(order):
 @pytest.mark.parametrize("order", ORDERS)
 def test_svd_beats_gradient_descent_on_factors(order):
     """A few hundred Adam steps on free factors of T separable blocks never beat the SVD."""
-    from decompose.methods.nd.kernel import slices
+    from decompose.kernels.nd import slices
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(8, 4, 3, 3, dtype=torch.float64, generator=gen)
     m = slices(w, 1, order)

@@ -165,11 +165,11 @@ def test_latency_reports_record_the_allocator_settings(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
     assert allocator_settings() == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
-    new, rep = decompose.decompose(net, rank=1, input_shape=(3, 12, 12))
+    new, rep = decompose.api.decompose(net, rank=1, input_shape=(3, 12, 12))
     lat = measure_latency(net, new, rep.layers, torch.randn(2, 3, 12, 12), repeats=2,
                           per_layer=False)
     assert lat["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
     fake = lambda layer, label, module, x: 1.0  # noqa: E731
-    _, rep = decompose.decompose(net, rank=1, input_shape=(3, 12, 12), latency_aware=True,
+    _, rep = decompose.api.decompose(net, rank=1, input_shape=(3, 12, 12), latency_aware=True,
                                  latency_fn=fake)
-    assert rep.extra["latency_plan"]["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}
+    assert rep.latency_plan["allocator"] == {"MALLOC_MMAP_THRESHOLD_": "1073741824"}

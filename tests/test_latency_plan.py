@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import decompose
-from decompose import DecoupleConfig
+from decompose import DecomposeConfig
 from decompose.api import finalize_forms_, plain_forms_
 from decompose.engine.trace import count_macs, param_count
 from decompose.errors import DecomposeError
@@ -52,7 +52,7 @@ def fake(slow: tuple[str, ...] = ()):
             return 100.0
         if label == "original":
             return 10.0
-        order, t, form = label.split("/")
+        _, order, t, form = label.split("/")  # "nd/<order>/T<rank>/<form>"
         t = int(t[1:])
         if name in slow:
             return 20.0
@@ -83,7 +83,7 @@ def test_forms_are_exact_and_counts_match_hooks(order, form):
     rep = decompose.decompose_(m, rank=3, order=order, form=form, input_shape=SHAPE,
                                latency_fn=fake())
     built = {lp.name: form_name(m.get_submodule(lp.name)) for lp in rep.decomposed}
-    assert built == {lp.name: lp.extra["form"] for lp in rep.decomposed}
+    assert built == {lp.name: lp.form for lp in rep.decomposed}
     with torch.no_grad():
         for lp in rep.decomposed:  # every decoupled layer equals its plain build
             xi = torch.randn(2, lp.kernel_shape[1] * lp.groups, 6, 6)
@@ -103,7 +103,7 @@ def test_dw1_pw_dw_bias_params_counted():
     m = net()
     rep = decompose.decompose_(m, rank=3, order="pw-dw", form="dw1", input_shape=SHAPE)
     b = next(lp for lp in rep.decomposed if lp.name == "b")
-    assert b.extra["form"] == "dw1"
+    assert b.form == "dw1"
     assert b.params_after == param_count(m.b)
     assert rep.totals["params_after"] == param_count(m)
 
@@ -113,7 +113,7 @@ def test_auto_keeps_dense_choices_original():
     # 16-32 channels at T=3: the cost model picks the dense conv -> kept original
     for lp in rep.layers:
         if lp.name in ("a", "b", "c", "d"):
-            assert lp.skipped and "not faster" in lp.skipped and "form" not in lp.extra
+            assert lp.skipped and "not faster" in lp.skipped and lp.form is None
 
 
 def test_latency_aware_keeps_layers_that_are_not_faster():
@@ -121,21 +121,21 @@ def test_latency_aware_keeps_layers_that_are_not_faster():
                          latency_fn=fake())
     for lp in rep.layers:
         if lp.name in ("a", "b", "c", "d"):  # plain T=2 takes 13 ms vs 10
-            assert lp.skipped.startswith("kept original: decoupling is not faster")
+            assert lp.skipped.startswith("kept original: decomposing is not faster")
             assert "13.000 ms" in lp.skipped and "10.000 ms" in lp.skipped
-            assert lp.extra["plan_ms_after"] == 13.0 and lp.params_after == lp.params_before
-    assert rep.extra["latency_plan"]["clock"] == "latency_fn"
+            assert lp.plan_ms_after == 13.0 and lp.params_after == lp.params_before
+    assert rep.latency_plan["clock"] == "latency_fn"
     rep1 = decompose.plan(net(), rank=1, latency_aware=True, input_shape=SHAPE,
                           latency_fn=fake(slow=("c",)))
     kept = {lp.name for lp in rep1.layers if lp.skipped}
     assert "c" in kept and not {"a", "b", "d"} & kept
-    assert all(lp.extra["form"] == "plain" for lp in rep1.decomposed)
+    assert all(lp.form == "plain" for lp in rep1.decomposed)
 
 
 def test_fastest_picks_the_fastest_form_and_respects_the_margin():
     rep = decompose.plan(net(), rank=2, form="fastest", input_shape=SHAPE, latency_fn=fake())
-    assert {lp.extra["form"] for lp in rep.decomposed} == {"dw1"}  # 5 ms vs plain 13 ms
-    assert all(lp.extra["plan_ms_after"] == 5.0 for lp in rep.decomposed)
+    assert {lp.form for lp in rep.decomposed} == {"dw1"}  # 5 ms vs plain 13 ms
+    assert all(lp.plan_ms_after == 5.0 for lp in rep.decomposed)
 
     def close(name, label, module, x):  # 4% faster: within the 1.05 margin
         return 10.0 if label == "original" else 9.6
@@ -151,7 +151,7 @@ def test_injected_clock_is_used():
     rep = decompose.plan(net(), rank=1, latency_aware=True, input_shape=SHAPE,
                          timer=lambda: float(next(ticks)))
     # every sample lasts one tick: nothing is faster than the original
-    assert not rep.decomposed and rep.extra["latency_plan"]["clock"] == "injected"
+    assert not rep.decomposed and rep.latency_plan["clock"] == "injected"
 
 
 def _sq_error(rep):
@@ -163,14 +163,14 @@ def test_target_latency_is_met_and_beats_uniform_choices(form):
     target = 0.8
     rep = decompose.plan(net(), target_latency=target, form=form, input_shape=SHAPE,
                          latency_fn=fake())
-    info = rep.extra["latency_plan"]
+    info = rep.latency_plan
     assert info["predicted_fraction"] <= target + 1e-12
     # the prediction is the sum of the chosen options' fake costs
     fn = fake()
     pred = info["remainder_ms"]
     for lp in rep.layers:
         if lp.name in ("a", "b", "c", "d"):
-            pred += 10.0 if lp.skipped else fn(lp.name, f"{lp.order}/T{lp.rank}/{lp.extra['form']}",
+            pred += 10.0 if lp.skipped else fn(lp.name, f"nd/{lp.order}/T{lp.rank}/{lp.form}",
                                                 None, None)
     assert pred == pytest.approx(info["predicted_ms"])
     assert pred <= target * 100.0 + 1e-9
@@ -181,7 +181,7 @@ def test_target_latency_is_met_and_beats_uniform_choices(form):
     for order, t, f in itertools.product(("dw-pw", "pw-dw"), range(1, 6), forms):
         u = decompose.plan(net(), rank=t, order=order, input_shape=SHAPE)
         cost = info["remainder_ms"] + sum(
-            fn(lp.name, f"{order}/T{lp.rank}/{f if lp.rank > 1 else 'plain'}", None, None)
+            fn(lp.name, f"nd/{order}/T{lp.rank}/{f if lp.rank > 1 else 'plain'}", None, None)
             if not lp.skipped else 10.0 for lp in u.layers if lp.name in ("a", "b", "c", "d"))
         if cost <= target * 100.0:
             met += 1
@@ -216,15 +216,15 @@ def test_finalize_after_calibration_on_plain():
 
 def test_config_validation():
     with pytest.raises(DecomposeError, match="form must be one of"):
-        DecoupleConfig(form="dense")
+        DecomposeConfig(form="dense")
     with pytest.raises(DecomposeError, match="choose one of"):
-        DecoupleConfig(rank=2, target_latency=0.5)
+        DecomposeConfig(rank=2, target_latency=0.5)
     with pytest.raises(DecomposeError, match="target_latency must be in"):
-        DecoupleConfig(target_latency=1.5)
+        DecomposeConfig(target_latency=1.5)
     with pytest.raises(DecomposeError, match="latency_batch"):
-        DecoupleConfig(latency_batch=0)
-    c = DecoupleConfig(target_latency=0.5, form="fastest", latency_batch=64, threads=1)
-    assert DecoupleConfig.from_dict(c.to_dict()) == c and c.timed
+        DecomposeConfig(latency_batch=0)
+    c = DecomposeConfig(target_latency=0.5, form="fastest", latency_batch=64, threads=1)
+    assert DecomposeConfig.from_dict(c.to_dict()) == c and c.timed
 
 
 def test_cli_flags(tmp_path):

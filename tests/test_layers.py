@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from decompose.methods.nd.kernel import error_curve, factorize
+from decompose.kernels.nd import error_curve, factorize
+from decompose.methods import LowRankConv
 from decompose.methods.nd.layers import decouple_conv, decoupled_order, decoupled_rank, is_decoupled
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -78,7 +79,7 @@ def test_non_square_kernel_and_tuple_padding():
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
 def test_truncated_layer_computes_the_rank_t_kernel(order):
     """At rank T the layer equals a plain conv with the rank-T kernel (so reported error is real)."""
-    from decompose.methods.nd.kernel import rebuild
+    from decompose.kernels.nd import rebuild
     conv = nn.Conv2d(6, 8, 3, padding=1, groups=2).double()
     f = factorize(conv.weight, 2, order)
     for t in (1, 2):
@@ -98,7 +99,16 @@ def test_structure_names_and_shapes(order):
     conv = nn.Conv2d(4, 6, 3, padding=1)
     dec = decouple_conv(conv, 2, order)
     assert is_decoupled(dec) and decoupled_order(dec) == order and decoupled_rank(dec) == 2
-    assert all(type(m).__module__.startswith("torch.nn") for m in dec.modules())
+    # plain torch.nn convs inside one LowRankConv, which is a drop-in for the conv it replaced
+    assert isinstance(dec, LowRankConv)
+    assert all(type(m).__module__.startswith("torch.nn") for m in dec.children())
+    for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+              "groups", "padding_mode"):
+        assert getattr(dec, a) == getattr(conv, a)
+    x = torch.randn(2, 4, 8, 8)  # weight and bias are the effective kernel: the same function
+    torch.testing.assert_close(dec(x), torch.nn.functional.conv2d(x, dec.weight, dec.bias,
+                                                                  padding=1), atol=1e-5, rtol=1e-5)
+    assert dec.weight.dtype == conv.weight.dtype and dec.weight.shape == conv.weight.shape
     names = list(dec._modules)
     assert names == (["conv_dw", "conv_pw"] if order == "dw-pw" else ["conv_pw", "conv_dw"])
     assert dec.conv_pw.kernel_size == (1, 1)
@@ -120,7 +130,7 @@ def test_torchscript_and_save_roundtrip(order):
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
-    safe = [nn.Sequential, nn.Conv2d, nn.ReLU]
+    safe = [nn.Sequential, nn.Conv2d, nn.ReLU, LowRankConv]
     with torch.serialization.safe_globals(safe):
         back = torch.load(buf, weights_only=True)
     assert torch.equal(back(x), model(x))

@@ -49,7 +49,7 @@ def _decouple(model: nn.Module, ranks: dict[str, int], order="dw-pw") -> list[La
     plans = []
     for name, t in ranks.items():
         conv = model.get_submodule(name)
-        plans.append(LayerPlan(name, tuple(conv.weight.shape), conv.groups, order=order, rank=t))
+        plans.append(LayerPlan(name, tuple(conv.weight.shape), conv.groups, variant=order, rank=t))
         replace_module(model, name, decouple_conv(conv, t, order))
     return plans
 
@@ -62,14 +62,14 @@ def test_layer_error_uses_the_original_networks_input():
     layers = _decouple(dec, {"a": 1, "b": 9})
     x = torch.randn(6, 4, 10, 10)
     out = measure_output_error(orig, dec, layers, [x])
-    assert layers[1].extra["output_rel_error"] < EXACT
-    assert layers[0].extra["output_rel_error"] > 0.1
+    assert layers[1].output_rel_error < EXACT
+    assert layers[0].output_rel_error > 0.1
     assert out["images"] == 6 and out["input"] == "original network"
     with torch.no_grad():  # and a's figure is exactly ||f_dec(x) - f(x)|| / ||f(x)||
         ref = orig.a(x)
         want = float((dec.a(x) - ref).norm() / ref.norm())
         y, y_hat = orig(x).double(), dec(x).double()
-    assert layers[0].extra["output_rel_error"] == pytest.approx(want, rel=1e-4)
+    assert layers[0].output_rel_error == pytest.approx(want, rel=1e-4)
     want_db = 10 * math.log10(float(y.pow(2).sum() / (y - y_hat).pow(2).sum()))
     assert out["sqnr_db"] == pytest.approx(want_db, rel=1e-6)
 
@@ -85,7 +85,7 @@ def test_error_is_accumulated_over_all_images_not_averaged_per_batch():
         h = orig.relu(orig.a(x))
         ref = orig.b(h)
         want = float((dec.b(h) - ref).norm() / ref.norm())
-    assert layers[0].extra["output_rel_error"] == pytest.approx(want, rel=1e-4)
+    assert layers[0].output_rel_error == pytest.approx(want, rel=1e-4)
 
 
 def test_output_error_limits_images():
@@ -110,9 +110,9 @@ def test_folded_batchnorm_is_part_of_the_reference():
     layers = _decouple(dec, {"conv": 9})
     x = torch.randn(4, 4, 8, 8)
     measure_output_error(orig, dec, layers, [x], folded={"conv": "bn"})
-    assert layers[0].extra["output_rel_error"] < EXACT
+    assert layers[0].output_rel_error < EXACT
     measure_output_error(orig, dec, layers, [x])  # without the BN the comparison is wrong
-    assert layers[0].extra["output_rel_error"] > 0.1
+    assert layers[0].output_rel_error > 0.1
 
 
 def test_sqnr_edge_cases():
@@ -141,9 +141,9 @@ def test_measure_latency_fills_whole_model_and_per_layer_fields():
     assert lat["before_ms"] > 0 and lat["after_ms"] > 0 and lat["speedup"] > 0
     for lp in rep.layers:
         if lp.skipped is None:
-            assert lp.extra["latency_before_ms"] > 0 and lp.extra["latency_after_ms"] > 0
+            assert lp.latency_before_ms > 0 and lp.latency_after_ms > 0
         else:
-            assert "latency_before_ms" not in lp.extra
+            assert lp.latency_before_ms is None
     assert torch.get_num_threads() >= 1  # restored by the latency utility
 
 

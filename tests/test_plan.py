@@ -11,7 +11,7 @@ from conftest import tiny_cnn
 from torch import nn
 
 import decompose
-from decompose import DecomposeError, DecoupleConfig
+from decompose import DecomposeConfig, DecomposeError
 from decompose.engine.trace import count_macs, param_count
 from decompose.methods.nd.layers import is_decoupled
 from decompose.planning.plan import choose_order
@@ -96,7 +96,7 @@ def test_plan_does_not_change_model_and_copy_api(tiny):
     ref = copy.deepcopy(tiny)
     decompose.plan(tiny, rank=1, input_shape=SHAPE)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), tiny.state_dict().values()))
-    new, rep = decompose.decompose(tiny, rank=1, input_shape=SHAPE)
+    new, rep = decompose.api.decompose(tiny, rank=1, input_shape=SHAPE)
     assert not any(is_decoupled(m) for m in tiny.modules())
     assert any(is_decoupled(m) for m in new.modules())
 
@@ -115,7 +115,7 @@ def test_energy_rule_reaches_energy(tiny):
     for lp in rep.decomposed:
         assert lp.energy >= 0.7 - 1e-9
         if lp.rank > 1:  # one less would not be enough
-            from decompose.methods.nd.kernel import energy_curve, singular_values
+            from decompose.kernels.nd import energy_curve, singular_values
             conv = tiny.get_submodule(lp.name)
             e = energy_curve(singular_values(conv.weight, conv.groups, "dw-pw"))
             assert e[lp.rank - 2] < 0.7
@@ -193,12 +193,12 @@ def test_wrong_input_shape_is_one_line(tiny):
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(DecomposeError, match=match):
-        DecoupleConfig(**kwargs)
+        DecomposeConfig(**kwargs)
 
 
 def test_config_json_roundtrip():
-    c = DecoupleConfig(energy=0.8, order="pw-dw", exclude=("conv1",), input_shape=(3, 32, 32))
-    assert DecoupleConfig.from_dict(c.to_dict()) == c
+    c = DecomposeConfig(energy=0.8, order="pw-dw", exclude=("conv1",), input_shape=(3, 32, 32))
+    assert DecomposeConfig.from_dict(c.to_dict()) == c
 
 
 def test_filter_fn_and_overrides(tiny):
@@ -226,11 +226,11 @@ def test_fold_bn_then_decompose_is_exact_at_full_rank():
         model[1].running_var.uniform_(0.5, 2)
     ref = copy.deepcopy(model)
     rep = decompose.decompose_(model, rank=9, order="pw-dw", fold_bn=True, input_shape=SHAPE)
-    assert rep.extra["folded_bn"] == [["0", "1"]]
+    assert rep.folded_bn == [["0", "1"]]
     assert isinstance(model[1], nn.Identity)
     assert rep.totals["params_before"] == param_count(ref)
     x = torch.randn(3, *SHAPE, dtype=torch.float64)
     with torch.no_grad():
         assert float((model(x) - ref(x)).abs().max() / ref(x).abs().max()) < 1e-10
     dry = decompose.plan(ref, rank=1, fold_bn=True, input_shape=SHAPE)
-    assert dry.extra["folded_bn"] == [["0", "1"]] and isinstance(ref[1], nn.BatchNorm2d)
+    assert dry.folded_bn == [["0", "1"]] and isinstance(ref[1], nn.BatchNorm2d)

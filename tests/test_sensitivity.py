@@ -1,5 +1,5 @@
 """Data-aware allocation: measured output errors per rank (decompose.sensitivity) and the
-budgets that minimise them (DecoupleConfig.allocation="output", --allocate output)."""
+budgets that minimise them (DecomposeConfig.allocation="output", --allocate output)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,16 @@ from conftest import tiny_cnn
 from torch import nn
 
 import decompose
+from decompose import CalibrationConfig
+from decompose.api import decompose_ as compress_
 from decompose.cli import cli
-from decompose.methods.nd.kernel import error_curve, factorize, rebuild, singular_values
-from decompose.pipeline import compress_
+from decompose.kernels.nd import error_curve, factorize, rebuild, singular_values
 from decompose.planning.sensitivity import output_error_curves
+
+
+def _as_list(by_rank: dict[str, float]) -> list[float]:
+    """{rank: error} -> the errors at T = 1..r."""
+    return [by_rank[str(t)] for t in range(1, len(by_rank) + 1)]
 
 
 def _brute(conv: nn.Module, x: torch.Tensor, order: str) -> list[float]:
@@ -43,7 +49,9 @@ def test_curves_match_the_definition_for_every_conv(conv):
     x = torch.randn(*shape)
     net = nn.Sequential(conv)
     curves = output_error_curves(net, [x[:5], x[5:]], samples=9)["0"]
-    for order, got in curves.items():
+    for label, by_rank in curves.items():
+        order = label.split("/")[1]
+        got = _as_list(by_rank)
         want = _brute(conv, x, order)
         assert got[-1] == 0.0 and len(got) == len(want)
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-4)
@@ -53,7 +61,7 @@ def test_white_inputs_give_the_kernel_error():
     """With white inputs and no padding, output error is kernel error (within sampling noise)."""
     conv = nn.Conv2d(8, 16, 3)
     x = torch.randn(64, 8, 20, 20)
-    got = output_error_curves(nn.Sequential(conv), [x], samples=64)["0"]["dw-pw"]
+    got = _as_list(output_error_curves(nn.Sequential(conv), [x], samples=64)["0"]["nd/dw-pw"])
     want = error_curve(singular_values(conv.weight.detach(), 1, "dw-pw")).tolist()
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want, dtype=torch.float32),
                                atol=0.02, rtol=0.05)
@@ -64,7 +72,7 @@ def test_samples_caps_the_images_and_selection_is_respected():
     seen = []
     net[0].register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
     curves = output_error_curves(net, [torch.randn(8, 3, 16, 16)] * 4, samples=12,
-                                 config=decompose.DecoupleConfig(exclude=("3",)))
+                                 config=decompose.DecomposeConfig(exclude=("3",)))
     assert sum(seen) == 12
     assert "3" not in curves and "0" in curves
     assert "5" not in curves and "7" not in curves  # 1x1 and depthwise: nothing to decouple
@@ -96,26 +104,26 @@ def test_output_allocation_spends_rank_where_the_outputs_need_it():
     assert rank(o, "0") == 1 < rank(k, "0")  # rank 1 is exact at the first layer's output
     assert rank(o, "1") > rank(k, "1")  # the budget it frees goes to the second
     assert o.totals["macs_after"] <= 0.5 * o.totals["macs_before"] + 1
-    planned = {lp.name: lp.extra["planned_output_error"] for lp in o.decomposed}
+    planned = {lp.name: lp.planned_output_error for lp in o.decomposed}
     assert planned and all(0 <= v < 1 for v in planned.values())
 
 
 def test_compress_measures_then_calibrates_on_the_same_images():
     net, xs = _subspace_model()
     model = copy.deepcopy(net)
-    cfg = decompose.DecoupleConfig(target_macs=0.5, order="dw-pw", allocation="output",
+    cfg = decompose.DecomposeConfig(target_macs=0.5, order="dw-pw", allocation="output",
                                    input_shape=(8, 12, 12))
-    rep = compress_(model, cfg, calibration=iter(xs), calib_samples=32, progress=False)
-    assert rep.extra["allocation"]["images"] == 32
-    assert rep.extra["calibration"]["samples"] == 32  # the one-shot iterator was kept
+    rep = compress_(model, cfg, calibration=iter(xs), calibration_config=CalibrationConfig(samples=32), progress=False)
+    assert rep.allocation["images"] == 32
+    assert rep.calibration["samples"] == 32  # the one-shot iterator was kept
     assert rep.config["allocation"] == "output"
 
 
 def test_allocation_errors_are_one_line():
     with pytest.raises(decompose.DecomposeError, match="--target-macs"):
-        decompose.DecoupleConfig(rank=2, allocation="output")
+        decompose.DecomposeConfig(rank=2, allocation="output")
     with pytest.raises(decompose.DecomposeError, match="allocation must be one of"):
-        decompose.DecoupleConfig(target_macs=0.5, allocation="data")
+        decompose.DecomposeConfig(target_macs=0.5, allocation="data")
     with pytest.raises(decompose.DecomposeError, match="--calibrate"):
         decompose.plan(tiny_cnn(), target_macs=0.5, allocation="output", input_shape=(3, 16, 16))
 

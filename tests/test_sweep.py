@@ -14,6 +14,7 @@ from _imagegen import make_folder, save_classifier, tiny_classifier
 from click.testing import CliRunner
 
 import decompose
+from decompose import CalibrationConfig
 from decompose.cli import cli
 from decompose.errors import DecomposeError
 from decompose.sweep import COLUMNS, sweep, sweep_configs
@@ -122,7 +123,7 @@ def _fake_latency(name, label, module, x):
         return 100.0
     if label == "original":
         return 10.0
-    return 3.0 + int(label.split("/")[1][1:])
+    return 3.0 + int(label.split("/")[2][1:])  # "nd/<order>/T<rank>/<form>"
 
 
 def test_latency_targets_rule_and_its_predicted_fraction():
@@ -135,7 +136,7 @@ def test_latency_targets_rule_and_its_predicted_fraction():
     assert lat["value"] == 0.9 and lat["layers_decomposed"] == 2
     plan = decompose.plan(tiny_classifier(), target_latency=0.9, form="fastest",
                           latency_fn=_fake_latency)
-    frac = plan.extra["latency_plan"]["predicted_fraction"]
+    frac = plan.latency_plan["predicted_fraction"]
     assert lat["predicted_latency_fraction"] == pytest.approx(frac) and frac <= 0.9 + 1e-12
     assert {k: tuple(v) for k, v in lat["ranks"].items()} == {
         lp.name: (lp.order, lp.rank) for lp in plan.decomposed}
@@ -173,7 +174,7 @@ def test_calibrated_rows_raise_the_output_sqnr():
     model = tiny_classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cal = sweep(model, cfgs, batches=batches, latency=False, quiet=True,
-                calibration=iter(calib), calib_samples=48)  # one-shot: read once, used twice
+                calibration=iter(calib), calibration_config=CalibrationConfig(samples=48))  # one-shot: read once, used twice
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for p, c in zip(plain.rows, cal.rows):
         assert not p["calibrated"] and p["calib_seconds"] is None
@@ -208,7 +209,7 @@ def test_cli_flags_reach_every_config(tmp_path, monkeypatch):
         assert (c.fold_bn, c.form, c.latency_aware, c.latency_batch, c.threads,
                 c.channels_last, c.exclude) == (True, "dw1", True, 4, 1, True, ("conv1",))
     kw = seen["kw"]
-    assert kw["calib_samples"] == 6 and kw["refit_depthwise"] is False
+    assert kw["calibration_config"].samples == 6 and kw["calibration_config"].method == "last"
     assert sum(len(x) for x in kw["calibration"]) == 6  # the --calibrate images
 
 
@@ -258,10 +259,11 @@ def test_output_errors_are_measured_once_for_all_budget_settings(monkeypatch):
     calib = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(2)]
     cfgs = sweep_configs(targets=[0.4, 0.6], orders=["auto", "dw-pw"], allocation="output")
     res = sweep(tiny_classifier(), cfgs, latency=False, quiet=True, calibration=calib,
-                calib_samples=32)
+                calibration_config=CalibrationConfig(samples=32))
     assert len(calls) == 1 and len(res.rows) == 4
     for cfg, row in zip(cfgs, res.rows):
-        alone = decompose.compress_(tiny_classifier(), cfg, calibration=calib, calib_samples=32,
-                                    progress=False)
+        alone = decompose.decompose_(tiny_classifier(), cfg, calibration=calib,
+                                     calibration_config=CalibrationConfig(samples=32),
+                                     progress=False)
         assert {k: tuple(v) for k, v in row["ranks"].items()} == {
             lp.name: (lp.order, lp.rank) for lp in alone.decomposed}

@@ -117,7 +117,7 @@ def positive(ctx, param, value):
 
 
 def rank_options(f: Callable) -> Callable:
-    """How ranks are chosen, and which layers: the fields of DecoupleConfig."""
+    """How ranks are chosen, and which layers: the fields of DecomposeConfig."""
     opts = [
         click.option("--rank", "rank", metavar="T",
                      help="Keep T depthwise-separable terms per layer (integer >= 1). Default 1."),
@@ -188,7 +188,7 @@ def build_options(f: Callable) -> Callable:
 
 def build_fields(fold_bn=False, form="plain", latency_aware=False, plan_batch=1,
                  plan_threads=None, channels_last=False, allocation="kernel") -> dict:
-    """DecoupleConfig fields from :func:`build_options`' values (flag names -> field names)."""
+    """DecomposeConfig fields from :func:`build_options`' values (flag names -> field names)."""
     return dict(fold_bn=fold_bn, form=form, latency_aware=latency_aware,
                 latency_batch=plan_batch, threads=plan_threads, channels_last=channels_last,
                 allocation=allocation)
@@ -196,8 +196,8 @@ def build_fields(fold_bn=False, form="plain", latency_aware=False, plan_batch=1,
 
 def config_from_options(rank, energy, target_macs, target_params, order, include, exclude,
                         input_shape, target_latency=None, **build):
-    from ..config import DecoupleConfig
-    return DecoupleConfig(
+    from ..config import DecomposeConfig
+    return DecomposeConfig(
         rank=parse_number(rank, "--rank", int, "1"),
         energy=parse_number(energy, "--energy", float, "0.9"),
         target_macs=parse_number(target_macs, "--target-macs", float, "0.5"),

@@ -30,10 +30,10 @@ def demo_cmd(rank: int, workdir: str | None, force: bool, as_json: bool, quiet: 
     """
     from torch.utils.data import DataLoader, TensorDataset
 
+    from ..api import decompose_file
     from ..io.files import load
     from ..measure.evaluate import evaluate
     from ..models.digits import load_digits_tensors, train_digits_cnn
-    from .run import decompose_file
 
     tmp = None
     if workdir is None:
@@ -49,9 +49,9 @@ def demo_cmd(rank: int, workdir: str | None, force: bool, as_json: bool, quiet: 
             raise click.ClickException(f"{src} exists; pass --force or choose another --workdir")
         torch.save(model, src)
         log(f"saved {src}", quiet)
-        from ..config import DecoupleConfig
-        report, _, out = decompose_file(str(src), DecoupleConfig(rank=rank), force=force,
-                                        quiet=quiet)
+        from ..config import DecomposeConfig
+        report, _, out = decompose_file(str(src), DecomposeConfig(rank=rank), force=force,
+                                        log=lambda msg: log(msg, quiet))
         _, _, x_test, y_test = load_digits_tensors(seed=0)
         loader = DataLoader(TensorDataset(x_test, y_test), batch_size=256)
         before = evaluate(model, loader, progress=False)

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from collections.abc import Callable
-from pathlib import Path
-
 import click
 
-from .. import api
-from ..engine.trace import infer_input_shape
-from ..io.files import check_writable, default_output, load_model, save_model
-from ..pipeline import compress_
+from ..api import decompose_file
+from ..config import CalibrationConfig
 from ..progress import quiet_progress
 from ._common import (
     RANK_KEYS,
@@ -33,59 +26,6 @@ from ._measure import (
     latency_options,
     make_loader_from,
 )
-
-
-def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False, output=None,
-                   force=False, quiet=False, write=True, data_shape=None,
-                   before_save: Callable | None = None, calibration=None,
-                   calib_samples: int = 512, refit_depthwise: bool = True):
-    """Load, plan, (decouple, calibrate, measure, save). Returns (report, loaded, output path or
-    None).
-
-    ``data_shape``: one sample's shape from --data, used to count multiply-adds when neither
-    --input-shape nor the model says its input shape. ``calibration``, ``calib_samples``,
-    ``refit_depthwise``: as in :func:`decompose.pipeline.compress_` (which decouples and
-    calibrates). ``before_save(report, original, decomposed)`` runs after that and before saving
-    (so a data problem leaves no file behind), with an untouched copy of the model as
-    ``original``.
-    """
-    out = Path(output) if output else default_output(model_path)
-    if write:
-        check_writable(out, force)  # fail before any work
-    loaded = load_model(model_path, arch=arch, allow=allow, trust=trust)
-    log(f"loaded {model_path} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
-    model = loaded.model
-    if data_shape is not None and config.input_shape is None:
-        _, source = infer_input_shape(model, None, loaded.meta)
-        if source == "default":
-            config = dataclasses.replace(config, input_shape=tuple(data_shape))
-    if not write:
-        return api.plan(model, config, meta=loaded.meta), loaded, None
-    keep = before_save is not None or calibration is not None
-    original = copy.deepcopy(model) if keep else None
-    if calibration is not None:
-        log(f"decoupling, then calibrating on {calib_samples} images ...", quiet)
-    report = compress_(model, config, calibration=calibration, calib_samples=calib_samples,
-                       refit_depthwise=refit_depthwise, original=original, meta=loaded.meta,
-                       progress=not quiet)
-    if not report.decomposed:
-        return report, loaded, None
-    if before_save is not None:
-        before_save(report, original, model)
-    meta = {
-        "config": config.to_dict(),
-        "input_shape": list(report.input_shape),
-        "source": str(model_path),
-        "arch": loaded.meta.get("arch", arch),
-        "totals": report.totals,
-        "layers": [{"name": lp.name, "order": lp.order, "rank": lp.rank}
-                   for lp in report.decomposed],
-    }
-    for key in ("accuracy", "output_error", "latency"):
-        if getattr(report, key) is not None:
-            meta[key] = getattr(report, key)
-    report.output = str(save_model(model, out, meta, force=force))
-    return report, loaded, out
 
 
 def _nothing_to_do(report, model_path: str) -> None:
@@ -156,10 +96,11 @@ def run_cmd(model: str, **opts) -> None:
         needed = batches is not None or lat["latency"] or opts["plot_dir"]
         report, _, out = decompose_file(
             model, config, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
-            output=opts["output"], force=opts["force"], quiet=quiet, data_shape=data_shape,
+            output=opts["output"], force=opts["force"], data_shape=data_shape,
             before_save=before_save if needed else None, calibration=calib,
-            calib_samples=calib_opts["calib_samples"],
-            refit_depthwise=calib_opts["calib_method"] == "joint")
+            calibration_config=CalibrationConfig(samples=calib_opts["calib_samples"],
+                                                 method=calib_opts["calib_method"]),
+            log=lambda msg: log(msg, quiet))
         if out is None:
             _nothing_to_do(report, model)
         if opts["plot_dir"]:
@@ -187,9 +128,9 @@ def report_cmd(model: str, **opts) -> None:
     """
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
     report, loaded, _ = decompose_file(model, config, arch=opts["arch"], allow=opts["allow"],
-                                       trust=opts["trust"], write=False, quiet=True)
+                                       trust=opts["trust"], write=False)
     if loaded.kind == "decomposed":
-        report.extra["already_decomposed"] = loaded.meta.get("layers", [])
+        report.already_decomposed = loaded.meta.get("layers", [])
         log(f"{model} was written by decompose: {len(loaded.meta.get('layers', []))} layers "
             f"decoupled from {loaded.meta.get('source')}")
     emit(report, opts["as_json"])

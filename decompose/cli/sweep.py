@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..config import CalibrationConfig
 from ..io.files import load_model
 from ..progress import quiet_progress
 from ._common import (
@@ -136,8 +137,8 @@ def sweep_cmd(model: str, **opts) -> None:
         result = sweep(loaded.model, configs, batches=batches, meta=loaded.meta,
                        latency=lat["latency"], latency_batch=lat["latency_batch"],
                        repeats=lat["repeats"], threads=lat["threads"], calibration=calib,
-                       calib_samples=calib_opts["calib_samples"],
-                       refit_depthwise=calib_opts["calib_method"] == "joint")
+                       calibration_config=CalibrationConfig(
+                           samples=calib_opts["calib_samples"], method=calib_opts["calib_method"]))
     if opts["csv_path"]:
         log(f"wrote {result.to_csv(opts['csv_path'])}", quiet)
     if opts["plot_dir"]:

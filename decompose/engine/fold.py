@@ -25,12 +25,11 @@ import torch
 from torch import fx, nn
 
 from ..errors import DecomposeError
-from ..methods.nd.forms import RepeatChannels, SumChannelGroups
+from ..methods import helper_modules
 from .surgery import replace_module
 
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 _BN = nn.modules.batchnorm._BatchNorm
-_LAYOUT_BRANCHING = (RepeatChannels, SumChannelGroups)
 
 
 def _plain_conv(m: nn.Module) -> bool:
@@ -50,11 +49,11 @@ def _foldable_bn(m: nn.Module) -> bool:
 
 class _Tracer(fx.Tracer):
     """fx's tracer, with plain convs and BNs as leaves even when their class is the user's, and
-    the parameter-free channel moves of the dw1 form too (their forward branches on the memory
-    layout, which fx cannot trace)."""
+    factorized layers and the methods' helper modules too (e.g. the dw1 form's channel moves
+    branch on the memory layout, which fx cannot trace)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (_plain_conv(m) or _foldable_bn(m) or isinstance(m, _LAYOUT_BRANCHING)
+        return (_plain_conv(m) or _foldable_bn(m) or isinstance(m, helper_modules())
                 or super().is_leaf_module(m, qualname))
 
 

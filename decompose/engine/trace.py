@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DecomposeError, first_line
-from ..methods.nd.layers import CONV_TYPES, is_conv, taps
+from ..methods.convs import CONV_TYPES, conv_macs, is_conv
 
 
 @dataclass
@@ -28,12 +28,6 @@ class Call:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     calls: int = 1
-
-
-def conv_macs(conv: nn.Module, out_shape: tuple[int, ...]) -> int:
-    """MACs of one conv call producing ``out_shape`` (batch 1 assumed in the count)."""
-    pixels = math.prod(out_shape[2:])
-    return conv.out_channels * (conv.in_channels // conv.groups) * taps(conv) * pixels
 
 
 def linear_macs(lin: nn.Linear, out_shape: tuple[int, ...]) -> int:

@@ -1,6 +1,6 @@
 """Exporting a (decomposed) model to ONNX or TorchScript, checked against PyTorch before it lands.
 
-    from decompose.export import export_onnx, export_torchscript, onnx_latency
+    from decompose.io.export import export_onnx, export_torchscript, onnx_latency
     res = export_onnx(model, "model.onnx", input_shape=(3, 32, 32))
     print(res.max_rel_err)                       # onnxruntime vs PyTorch, on seeded random input
 

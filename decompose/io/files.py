@@ -31,7 +31,9 @@ from torch import nn
 from ..errors import DecomposeError
 
 FORMAT = "decompose"
-FORMAT_VERSION = 1
+#: 2: factorized layers are LowRankConv modules (any method); 1: bare nn.Sequential ND layers,
+#: upgraded to LowRankConv when read
+FORMAT_VERSION = 2
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
@@ -66,8 +68,8 @@ def _own_classes() -> list[type]:
     import pkgutil
 
     from .. import models as zoo
-    from ..methods.nd import forms as fast
-    out: list[type] = _module_classes(fast)  # the parameter-free helpers of the fast forms
+    from ..methods import custom_modules
+    out: list[type] = list(custom_modules())  # LowRankConv and the methods' helper modules
     for info in pkgutil.iter_modules(zoo.__path__):
         out += _module_classes(importlib.import_module(f"{zoo.__name__}.{info.name}"))
     return out
@@ -271,7 +273,15 @@ def load_model(path: str | os.PathLike, arch: str | None = None, allow: Iterable
     if isinstance(obj, nn.Module):
         return Loaded(obj, p, {}, "module")
     if isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("model"), nn.Module):
-        return Loaded(obj["model"], p, dict(obj.get("meta") or {}), "decomposed")
+        version = obj.get("version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise DecomposeError(f"{p} was written by a newer decompose (format version "
+                                 f"{version!r}, this one reads up to {FORMAT_VERSION}); upgrade "
+                                 "decompose to load it")
+        model = obj["model"]
+        if version < 2:
+            model = upgrade_legacy_layers(model)
+        return Loaded(model, p, dict(obj.get("meta") or {}), "decomposed")
     if isinstance(obj, dict):
         sd = _find_state_dict(obj)
         if sd is None:
@@ -290,6 +300,21 @@ def load_model(path: str | os.PathLike, arch: str | None = None, allow: Iterable
         return Loaded(model, p, meta, "checkpoint")
     raise DecomposeError(f"{p} holds a {type(obj).__name__}, not a model; save the model with "
                          "torch.save(model) or its state_dict with --arch")
+
+
+def upgrade_legacy_layers(model: nn.Module) -> nn.Module:
+    """Turn the bare ``nn.Sequential`` decoupled layers of a format-1 file into LowRankConv
+    modules with the same parameters (the same function)."""
+    from ..methods.nd.layers import upgrade_legacy
+    new = upgrade_legacy(model)
+    if new is not None:
+        return new
+    for name, m in list(model.named_modules()):
+        up = upgrade_legacy(m) if name else None
+        if up is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, up)
+    return model
 
 
 def load(path: str | os.PathLike, **kwargs: Any) -> nn.Module:

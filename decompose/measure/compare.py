@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.layout import is_channels_last, to_channels_last_
 from ..engine.trace import calls_for as _calls_for
 from ..engine.trace import capture_inputs, eval_mode
 from ..engine.trace import device_of as _device
 from ..errors import DecomposeError
-from ..methods.nd.forms import is_channels_last, to_channels_last_
 from ..planning.plan import LayerPlan
 from ..progress import is_quiet, progress
 from ..report import Report
@@ -148,10 +148,10 @@ def measure_output_error(original: nn.Module, decomposed: nn.Module, layers: lis
     Runs the first ``max_images`` images through both models. Per layer, a forward hook on the
     original conv feeds the very input it received to the decoupled module of ``decomposed``
     and accumulates ``||f_dec(x) - f_orig(x)||^2`` and ``||f_orig(x)||^2`` over all images;
-    ``output_rel_error`` (written to ``lp.extra``) is the square root of their ratio.
+    ``lp.output_rel_error`` is the square root of their ratio.
 
     ``folded``: conv name -> BatchNorm name for BatchNorms folded into their conv before
-    decoupling (``report.extra["folded_bn"]``); for those the reference ``f_orig`` is the conv
+    decoupling (``report.folded_bn``); for those the reference ``f_orig`` is the conv
     followed by its BatchNorm, as the decoupled module computes both.
 
     Returns ``{"sqnr_db", "images", "input": "original network"}``; ``sqnr_db`` is
@@ -199,7 +199,7 @@ def measure_output_error(original: nn.Module, decomposed: nn.Module, layers: lis
             h.remove()
     for lp in done:
         err, ref = sums[lp.name]
-        lp.extra["output_rel_error"] = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else None)
+        lp.output_rel_error = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else None)
     return {"sqnr_db": sqnr_db(signal, noise), "images": images, "input": "original network"}
 
 
@@ -264,7 +264,7 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
             used is reported.
         per_layer: also time each decoupled layer against its original conv, on the input it
             receives in the original network, and write ``latency_before_ms`` /
-            ``latency_after_ms`` into ``lp.extra``.
+            ``latency_after_ms`` of each layer plan.
         min_sample_ms: a timed sample repeats the call until it lasts about this long (for
             layers that take microseconds); the mean per call is reported.
         folded: conv name -> folded BatchNorm name; such a layer is timed against the original
@@ -293,9 +293,9 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
                              decomposed.get_submodule(lp.name), inputs[lp.name],
                              repeats=repeats, warmup=warmup, threads=threads,
                              min_sample_ms=min_sample_ms)
-            lp.extra["latency_before_ms"] = one["before_ms"]
-            lp.extra["latency_after_ms"] = one["after_ms"]
-            lp.extra["latency_speedup"] = one["speedup"]
+            lp.latency_before_ms = one["before_ms"]
+            lp.latency_after_ms = one["after_ms"]
+            lp.latency_speedup = one["speedup"]
     out = {"before_ms": whole["before_ms"], "after_ms": whole["after_ms"],
            "speedup": whole["speedup"], "batch_size": int(x.shape[0]),
            "threads": whole["threads"], "repeats": repeats, "warmup": warmup,
@@ -337,7 +337,7 @@ def measure(report: Report, original: nn.Module, decomposed: nn.Module, *,
         error_images: images used for the output error (default 256).
         before: an earlier evaluation of ``original`` on ``batches`` (skips that pass).
     """
-    folded = {c: b for c, b in report.extra.get("folded_bn", [])}
+    folded = {c: b for c, b in report.folded_bn or []}
     if batches is not None:
         if not batches:
             raise DecomposeError("the data folder gave no images; point --data at a folder "

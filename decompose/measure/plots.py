@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import DecomposeError
-from ..methods.nd.kernel import ORDER_NAMES, energy_curve, error_curve, singular_values
+from ..kernels.nd import ORDER_NAMES, energy_curve, error_curve, singular_values
 from ..report import Report
 
 LEGEND_MAX = 12  # more layers than this: a colour bar by depth instead of a legend

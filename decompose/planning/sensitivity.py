@@ -5,12 +5,13 @@ sum over layers of squared errors. By default that error is the relative kernel 
 ``||W - W_T|| / ||W||``, which needs no data but weighs every direction of the kernel alike.
 What the next layer sees is the output ``conv(x, W_T)``, and real inputs are far from white:
 a kernel direction the inputs never excite costs nothing. With calibration images,
-:func:`output_error_curves` measures instead, for every conv, order and rank T,
+:func:`output_error_curves` measures instead, for every conv and every option the planner would
+offer it (each method, variant and rank: the candidates of :mod:`decompose.methods`),
 
-    e(T) = || conv(x, W - W_T) || / || conv(x, W) ||      (bias excluded)
+    e = || conv(x, W - W_hat) || / || conv(x, W) ||      (bias excluded)
 
 over all images and output positions, with ``x`` the input the conv receives in the original
-network, and the budget minimises ``sum e(T)^2`` (``DecoupleConfig(allocation="output")``,
+network, and the budget minimises ``sum e(T)^2`` (``DecomposeConfig(allocation="output")``,
 ``--allocate output``). Every conv type the engine accepts is handled the same way: the
 residual kernel runs through the conv's own ``_conv_forward`` (stride, dilation, groups,
 padding modes). Memory is bounded by one batch: sums of squares are accumulated in forward
@@ -19,88 +20,113 @@ hooks, nothing is kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import DecoupleConfig
+from .. import methods as registry
+from ..config import DecomposeConfig
+from ..engine.trace import Call
 from ..errors import DecomposeError
-from ..methods.nd.kernel import ORDER_NAMES, factorize, rebuild
-from ..methods.nd.layers import is_conv
-from .plan import selected, structural_skip
+from ..methods.base import Candidate
+from ..methods.convs import is_conv
+from .plan import _key, layer_candidates, layer_skip, method_skip, selected
 
-#: name -> order -> relative output error at T = 1..full rank
-ErrorCurves = dict[str, dict[str, list[float]]]
-
-
-def _residuals(conv: nn.Module, order: str) -> torch.Tensor:
-    """``W - W_T`` for T = 1..r-1, stacked on a new leading dim (T = r is exact)."""
-    w = conv.weight.detach()
-    f = factorize(w.double(), conv.groups, order)
-    return torch.stack([(w.double() - rebuild(f, t)).to(w.dtype) for t in range(1, f.max_rank)]) \
-        if f.max_rank > 1 else w.new_zeros((0, *w.shape))
+#: name -> candidate label -> rank key -> relative output error
+ErrorCurves = dict[str, dict[str, dict[str, float]]]
 
 
 class _Accumulator:
-    def __init__(self, conv: nn.Module, orders: tuple[str, ...]) -> None:
-        self.conv = conv
-        self.res = {o: _residuals(conv, o) for o in orders}
-        self.err = {o: torch.zeros(len(r), dtype=torch.float64) for o, r in self.res.items()}
+    """Sums of squared output errors of every option of one conv. The options are made on the
+    conv's first call, from the shapes it sees (so no extra forward pass is needed)."""
+
+    def __init__(self, conv: nn.Module, make: Callable[[Call], list[Candidate]]) -> None:
+        self.conv, self.make = conv, make
+        self.res: dict[str, torch.Tensor] | None = None
+
+    def _start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        conv = self.conv
+        cands = self.make(Call((1, *x.shape[1:]), (1, *y.shape[1:])))
+        self.keys: dict[str, list[str]] = {}
+        self.res: dict[str, torch.Tensor] = {}
+        self.exact: dict[str, list[str]] = {}
+        w = conv.weight.detach()
+        for c in cands:
+            method = registry.get(c.method)
+            todo = [i for i in range(len(c)) if not c.exact(i)]
+            self.exact[c.label] = [_key(c.ranks[i]) for i in range(len(c)) if c.exact(i)]
+            self.keys[c.label] = [_key(c.ranks[i]) for i in todo]
+            self.res[c.label] = (torch.stack([
+                (w.double() - method.approx_kernel(conv, c, i).double()).to(w.dtype)
+                for i in todo]) if todo else w.new_zeros((0, *w.shape)))
+        self.err = {k: torch.zeros(len(r), dtype=torch.float64) for k, r in self.res.items()}
         self.ref = 0.0
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         x = inputs[0].detach()
         with torch.no_grad():
             y = self.conv._conv_forward(x, self.conv.weight, None)
+            if self.res is None:
+                self._start(x, y)
             self.ref += float(y.double().pow(2).sum())
-            for o, res in self.res.items():
+            for k, res in self.res.items():
                 if not len(res):
                     continue
-                if self.conv.groups == 1:  # all ranks in one conv: residuals stacked on C_out
+                if self.conv.groups == 1:  # all options in one conv: residuals stacked on C_out
                     n, c_out = res.shape[:2]
                     z = self.conv._conv_forward(x, res.reshape(n * c_out, *res.shape[2:]), None)
                     sq = z.double().pow(2).unflatten(1, (n, c_out)).transpose(0, 1)
-                    self.err[o] += sq.reshape(n, -1).sum(1)
+                    self.err[k] += sq.reshape(n, -1).sum(1)
                 else:
                     for i, r in enumerate(res):
-                        self.err[o][i] += float(self.conv._conv_forward(x, r, None).double()
+                        self.err[k][i] += float(self.conv._conv_forward(x, r, None).double()
                                                 .pow(2).sum())
 
-    def curves(self) -> dict[str, list[float]]:
+    def curves(self) -> dict[str, dict[str, float]]:
+        if self.res is None:
+            return {}
         out = {}
-        for o, e in self.err.items():
+        for k, e in self.err.items():
             rel = (e / self.ref).sqrt() if self.ref > 0 else torch.zeros_like(e)
-            out[o] = rel.tolist() + [0.0]
+            out[k] = {**dict(zip(self.keys[k], rel.tolist())),
+                      **{r: 0.0 for r in self.exact[k]}}
         return out
 
 
 def output_error_curves(model: nn.Module, batches: Iterable[Any], *,
-                        config: DecoupleConfig | None = None, samples: int = 128,
-                        orders: tuple[str, ...] = ORDER_NAMES) -> ErrorCurves:
-    """Relative output error of every decouplable conv of ``model`` at every order and rank.
+                        config: DecomposeConfig | None = None, samples: int = 128
+                        ) -> ErrorCurves:
+    """Relative output error of every factorizable conv of ``model`` at every option.
 
     Args:
         model: the original model (not changed; run in eval mode, no gradients).
         batches: input batches (tensors, or ``(inputs, labels)`` pairs; labels ignored), e.g.
             :func:`decompose.data.calibration_batches`.
-        config: only convs its ``include``/``exclude`` select are measured. Default: all.
+        config: its methods, orders, ``include``/``exclude`` and ``seed`` decide which convs
+            and options are measured. Default: Network Decoupling, both orders, every conv.
         samples: images used (the first ones). Default 128.
-        orders: which orders to measure. Default both.
 
-    Returns ``{conv name: {order: [e(1), ..., e(r)]}}`` with ``e(r) = 0`` (full rank is exact),
-    for :func:`decompose.plan` / :func:`decompose.decompose_` (``error_curves=``).
+    Returns ``{conv name: {candidate label: {rank: e}}}`` (exact options have ``e = 0``), for
+    :func:`decompose.plan` / :func:`decompose.decompose_` (``error_curves=``).
     """
     if samples < 1:
         raise DecomposeError(f"samples must be at least 1, got {samples}")
-    config = config or DecoupleConfig()
+    config = config or DecomposeConfig()
+    methods = [registry.get(n) for n in config.methods]
     accs: dict[str, _Accumulator] = {}
     hooks = []
     for name, m in model.named_modules():
-        if is_conv(m) and structural_skip(m) is None and selected(name, m, config, None) is None:
-            accs[name] = _Accumulator(m, orders)
-            hooks.append(m.register_forward_hook(accs[name]))
+        if not is_conv(m) or layer_skip(m) is not None:
+            continue
+        usable, why = method_skip(m, methods)
+        if why is not None or selected(name, m, config, None) is not None:
+            continue
+        accs[name] = _Accumulator(m, partial(layer_candidates, name, m, config=config,
+                                             methods=usable, budgeted=True))
+        hooks.append(m.register_forward_hook(accs[name]))
     was = model.training
     model.eval()
     seen = 0
@@ -123,7 +149,7 @@ def output_error_curves(model: nn.Module, batches: Iterable[Any], *,
     if seen == 0:
         raise DecomposeError("the calibration data gave no images; point --calibrate at a "
                              "folder (or .npz) holding images")
-    return {name: a.curves() for name, a in accs.items()}
+    return {name: a.curves() for name, a in accs.items() if a.res is not None}
 
 
 __all__ = ["ErrorCurves", "output_error_curves"]

@@ -34,13 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DecoupleConfig
+from .. import methods as registry
+from ..config import DecomposeConfig
 from ..engine.trace import calls_for, capture_inputs
 from ..errors import BudgetError
 from ..measure.clock import Timer, allocator_settings, compare_latency, speedups
-from ..methods.nd.forms import AUTO_MARGIN, auto_form, estimated_speedup, fast_form
-from ..methods.nd.kernel import factorize
-from ..methods.nd.layers import decouple_conv, is_conv
+from ..methods.base import Method
+from ..methods.convs import is_conv
+from ..methods.module import LowRankConv
+from .budget import Option, optimise
 
 LatencyFn = Callable[[str, str, nn.Module, torch.Tensor], float]
 
@@ -64,7 +66,7 @@ def _geometry(conv: nn.Module, x: torch.Tensor) -> tuple:
 class LayerTimer:
     """Times layers of one model on their captured inputs (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, config: DecoupleConfig, input_shape: tuple[int, ...], *,
+    def __init__(self, model: nn.Module, config: DecomposeConfig, input_shape: tuple[int, ...], *,
                  timer: Timer | None = None, latency_fn: LatencyFn | None = None) -> None:
         self.model, self.config = model, config
         self.latency_fn = latency_fn if latency_fn is not None else LATENCY_FN
@@ -132,100 +134,117 @@ def _calls_for(module: nn.Module, x: torch.Tensor) -> int:
         return calls_for(module, x, MIN_SAMPLE_MS)
 
 
-def forms_for(form: str, seq: nn.Module, rank: int) -> list[str]:
-    """The decoupled forms a config's ``form`` allows for one built layer (never ``"dense"``);
-    empty when ``"auto"`` would pick the dense conv (the layer should then stay original)."""
-    if form == "plain" or rank == 1:
-        if form == "auto" and auto_form(seq) == "dense":
-            return []
+def forms_for(form: str, method: Method, module: LowRankConv) -> list[str]:
+    """The forms a config's ``form`` allows for one built layer; empty when ``"auto"`` expects
+    the dense conv to be as fast (the layer should then stay original). A method without the
+    named form builds its plain form."""
+    if form == "plain":
         return ["plain"]
-    if form == "dw1":
-        return ["dw1"]
     if form == "auto":
-        a = auto_form(seq)
-        return [] if a == "dense" else [a]
-    return ["plain", "dw1"]  # fastest
+        a = method.auto_form(module)
+        return [] if a is None else [a]
+    have = list(method.forms(module))
+    if form == "fastest":
+        return have
+    return [form] if form in have else have[:1]
 
 
-def _not_faster(best: str, after: float, before: float, config: DecoupleConfig) -> str:
-    return (f"kept original: decoupling is not faster ({best} {after:.3f} ms vs original "
+def option_label(cand: Any, rank: Any, form: str) -> str:
+    """How the planner names a timed option (``latency_fn``'s ``label``):
+    ``"<method>[/<variant>]/T<rank>/<form>"``, e.g. ``"nd/dw-pw/T2/dw1"``."""
+    r = "x".join(map(str, rank)) if isinstance(rank, tuple) else rank
+    return f"{cand.label}/T{r}/{form}"
+
+
+def _not_faster(best: str, after: float, before: float, config: DecomposeConfig) -> str:
+    return (f"kept original: decomposing is not faster ({best} {after:.3f} ms vs original "
             f"{before:.3f} ms at batch {config.latency_batch}; needs {config.latency_margin}x)")
 
 
-def choose_forms(model: nn.Module, plans: list, config: DecoupleConfig,
+def _set_form(lp: Any, module: LowRankConv, method: Method, form: str) -> None:
+    """Record the form a planned layer is built in, and that form's parameter count."""
+    built = module if form == module.form else method.to_form(module, form)
+    lp.form = built.form
+    lp.params_after = sum(p.numel() for p in built.parameters())
+
+
+def choose_forms(model: nn.Module, plans: list, config: DecomposeConfig,
                  timing: LayerTimer | None) -> None:
-    """Give every decoupled layer of ``plans`` its form (``lp.extra["form"]``), keeping the
-    original where the chosen form is not faster (auto rule, or measured with ``timing``)."""
-    from .plan import _unfinish, set_form
+    """Give every planned layer of ``plans`` its form (``lp.form``), keeping the original
+    where the chosen form is not faster (the method's untimed rule, or measured with
+    ``timing``)."""
     for lp in plans:
         if lp.skipped is not None:
             continue
         conv = model.get_submodule(lp.name)
-        seq = decouple_conv(conv, lp.rank, lp.order)
-        forms = forms_for(config.form, seq, lp.rank)
+        cand, i = lp.choice
+        method = registry.get(cand.method)
+        seq = method.build(conv, cand, i)
+        forms = forms_for(config.form, method, seq)
         if not forms:
-            _unfinish(lp, "kept original: decoupling is not faster (form auto: estimated "
-                          f"speed-up {estimated_speedup(seq):.2f} <= {AUTO_MARGIN}; the dense "
-                          "conv is as fast)")
+            lp.keep(f"kept original: decomposing is not faster (form auto: "
+                    f"{method.auto_note(seq)})")
             continue
         form = forms[0]
         if config.timed:
-            label = f"{lp.order}/T{lp.rank}/"
-            mods = {"original": conv, **{label + f: fast_form(seq, f) for f in forms}}
+            mods = {"original": conv, **{option_label(cand, lp.rank, f):
+                                         method.to_form(seq, f) for f in forms}}
             ms = timing.time(lp.name, conv, mods)
-            form = min(forms, key=lambda f: ms[label + f])
-            before, after = ms["original"], ms[label + form]
+            form = min(forms, key=lambda f: ms[option_label(cand, lp.rank, f)])
+            before, after = ms["original"], ms[option_label(cand, lp.rank, form)]
+            lp.plan_ms_before, lp.plan_ms_after = before, after
             if before < config.latency_margin * after:
-                _unfinish(lp, _not_faster(form, after, before, config))
-                lp.extra.update(plan_ms_before=before, plan_ms_after=after)
+                lp.keep(_not_faster(form, after, before, config))
+                lp.plan_ms_before, lp.plan_ms_after = before, after
                 continue
-            lp.extra.update(plan_ms_before=before, plan_ms_after=after)
-        set_form(lp, conv, form)
+        _set_form(lp, seq, method, form)
 
 
-def latency_budget(model: nn.Module, budgeted: list, config: DecoupleConfig,
+def latency_budget(model: nn.Module, budgeted: list, config: DecomposeConfig,
                    timing: LayerTimer) -> None:
-    """``--target-latency F``: per layer (order, rank, form) under a measured latency budget.
+    """``--target-latency F``: per layer (method, variant, rank, form) under a measured latency
+    budget.
 
     Costs are measured ms: whole model = (measured whole-model ms - sum of the budgeted layers'
     original ms) + sum of every budgeted layer's chosen option's ms. Options not faster than the
-    original by the margin are dropped. :func:`decompose.planning.plan.optimise` (the MACs/params budget's
-    optimiser) minimises the summed squared relative kernel error under ``F * whole``.
+    original by the margin are dropped. :func:`decompose.planning.budget.optimise` (the
+    MACs/params budget's optimiser) minimises the summed squared relative error under
+    ``F * whole``.
     """
-    from .plan import _finish, optimise, set_form
     layers = []
+    why: dict[str, str] = {}
     for lp, cands in budgeted:
         conv = model.get_submodule(lp.name)
         modules: dict[str, nn.Module] = {"original": conv}
         what: dict[str, tuple] = {}
-        for c in cands.values():
-            f = factorize(conv.weight, conv.groups, c.order)
-            for t in range(1, c.max_rank + 1):
-                if c.macs(t) >= lp.macs_before:
+        for c in cands:
+            method = registry.get(c.method)
+            for i in range(len(c)):
+                if c.macs[i] >= lp.macs_before:
                     continue
-                seq = decouple_conv(conv, t, c.order, factors=f)
-                for form in forms_for(config.form, seq, t):
-                    label = f"{c.order}/T{t}/{form}"
-                    modules[label] = seq if form == "plain" else fast_form(seq, form)
-                    what[label] = (c, t, form)
+                seq = method.build(conv, c, i)
+                for form in forms_for(config.form, method, seq):
+                    label = option_label(c, c.ranks[i], form)
+                    modules[label] = method.to_form(seq, form)
+                    what[label] = (c, i, form, seq, method)
         ms = timing.time(lp.name, conv, modules)
         before = ms["original"]
-        opts = [(before, 0.0, None)]
-        for label, (c, t, form) in what.items():
+        opts = [Option(before, 0.0, None)]
+        for label, (c, i, form, seq, method) in what.items():
             if config.latency_margin * ms[label] <= before:
-                opts.append((ms[label], c.alloc_error(t) ** 2, (c, t, form)))
+                opts.append(Option(ms[label], c.alloc_error(i) ** 2, (c, i, form, seq, method)))
         layers.append(opts)
-        lp.extra["plan_ms_before"] = before
+        lp.plan_ms_before = before
         if len(opts) == 1:
             best = min(what, key=ms.get) if what else None
-            lp.extra["plan_why"] = (_not_faster(best, ms[best], before, config) if best else
-                                    "kept original: no decomposed option costs fewer MACs")
+            why[lp.name] = (_not_faster(best, ms[best], before, config) if best else
+                            "kept original: no decomposed option costs fewer MACs")
     whole = timing.whole()
-    orig_sum = sum(o[0][0] for o in layers)
+    orig_sum = sum(o[0].cost for o in layers)
     remainder = max(whole - orig_sum, 0.0)
     fraction = config.target_latency
     budget = fraction * whole - remainder
-    cheapest = sum(min(o[0] for o in opts) for opts in layers)
+    cheapest = sum(min(o.cost for o in opts) for opts in layers)
     timing.summary.update(whole_ms=whole, remainder_ms=remainder, layers_ms=orig_sum)
     if cheapest > budget:
         raise BudgetError(
@@ -237,13 +256,12 @@ def latency_budget(model: nn.Module, budgeted: list, config: DecoupleConfig,
     for (lp, _), opts, j in zip(budgeted, layers, choice):
         cost, _, payload = opts[j]
         predicted += cost
-        why = lp.extra.pop("plan_why", None)
         if payload is None:
-            lp.skipped = why or "kept original: the latency budget is better spent elsewhere"
+            lp.skipped = why.get(lp.name) or "kept original: the latency budget is better spent elsewhere"
             continue
-        c, t, form = payload
-        _finish(lp, c, t)
-        set_form(lp, model.get_submodule(lp.name), form)
-        lp.extra["plan_ms_after"] = cost
+        c, i, form, seq, method = payload
+        lp.take(c, i)
+        _set_form(lp, seq, method, form)
+        lp.plan_ms_after = cost
     timing.summary.update(predicted_ms=predicted, predicted_fraction=predicted / whole,
                           target_latency=fraction)

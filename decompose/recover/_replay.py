@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..methods.nd.layers import is_conv, is_decoupled
+from ..methods.convs import is_conv
+from ..methods.module import is_lowrank
 
 
 class _Stop(Exception):
@@ -30,7 +31,7 @@ class _Stop(Exception):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_decoupled(m) or is_conv(m) or super().is_leaf_module(m, qualname)
+        return is_lowrank(m) or is_conv(m) or super().is_leaf_module(m, qualname)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

@@ -1,13 +1,13 @@
 """Label-free calibration: refit every decoupled layer to the original layer's output.
 
     import copy, decompose
-    from decompose.calibrate import calibrate_
     original = copy.deepcopy(model)
     decompose.decompose_(model, rank=3, exclude=("conv1",))
-    report = calibrate_(model, original, batches)   # unlabeled images, e.g. 512
+    report = decompose.calibrate_(model, original, batches)   # unlabeled images, e.g. 512
     print(report)
 
-Walking the decoupled layers in forward order, each one is fitted so that, fed with the
+(``decompose.decompose_(model, config, calibration=batches)`` does both.) Walking the
+factorized layers (any method) in forward order, each one is fitted so that, fed with the
 *decoupled* network's own activations (its input in the calibrated-so-far decoupled model), its
 output matches the *original* layer's output in the original model on the same images. Errors
 made earlier are thereby corrected later instead of compounding. No labels, no gradients: each
@@ -29,11 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import methods as registry
+from ..config import CalibrationConfig
 from ..engine.trace import device_of as _device
 from ..engine.trace import eval_mode
 from ..errors import DecomposeError
-from ..methods.nd import refit
-from ..methods.nd.layers import decoupled_order, decoupled_rank, is_conv, is_decoupled
+from ..kernels import lstsq
+from ..methods.convs import is_conv, set_weights
+from ..methods.module import LowRankConv, is_lowrank
 from ..progress import progress as _progress
 from ._replay import GraphReplay, HookReplay, call_order
 
@@ -42,25 +45,27 @@ JOINT_MAX_DIM = 4096  # patch features (C_in/g * K) or depthwise unknowns above 
 
 @dataclass
 class LayerCalibration:
-    """What calibration did to one decoupled layer.
+    """What calibration did to one factorized layer.
 
     ``error_before``/``error_after``: relative output error ``||y_hat - y|| / ||y||`` of the layer
     on the calibration images, where ``y`` is the original layer's output in the original model
-    and ``y_hat`` this layer's output on its input in the decoupled model (so the "before" figure
-    includes the drift of the layers before it). ``method``: ``"joint"`` (both convs, alternating
-    least squares on patch statistics) or ``"last"`` (one least-squares fit of the conv that
-    produces the output: ``conv_pw`` in dw-pw order, ``conv_dw`` in pw-dw order).
+    and ``y_hat`` this layer's output on its input in the factorized model (so the "before"
+    figure includes the drift of the layers before it). ``method``/``order``/``rank``: how the
+    layer was factorized (``order`` is the method's variant). ``fit``: ``"joint"`` (every factor,
+    from patch statistics) or ``"last"`` (one least-squares fit of the conv that produces the
+    output).
     """
 
     name: str
     order: str
-    rank: int
-    method: str
+    rank: Any
+    fit: str
     error_before: float
     error_after: float
     rows: int
     seconds: float
     note: str | None = None
+    method: str = "nd"
 
 
 @dataclass
@@ -84,10 +89,10 @@ class CalibrationReport:
         return d
 
     def __str__(self) -> str:
-        head = f"{'layer':<28} {'order':<6} {'T':>2} {'method':<5} {'err before':>10} {'err after':>9}"
+        head = f"{'layer':<28} {'order':<6} {'T':>2} {'fit':<5} {'err before':>10} {'err after':>9}"
         lines = [head, "-" * len(head)]
         for lc in self.layers:
-            lines.append(f"{lc.name:<28} {lc.order:<6} {lc.rank:>2} {lc.method:<5} "
+            lines.append(f"{lc.name:<28} {lc.order or lc.method:<6} {_rank(lc.rank):>2} {lc.fit:<5} "
                          f"{lc.error_before:>10.4f} {lc.error_after:>9.4f}"
                          + (f"  ({lc.note})" if lc.note else ""))
         for name, why in self.skipped.items():
@@ -154,11 +159,9 @@ class _Inputs:
 class _Layer:
     name: str
     seq: nn.Module
-    conv: nn.Module  # the original conv: patch geometry and groups
+    conv: nn.Module  # the original conv (or the layer itself): patch geometry and groups
     after: nn.Module  # applied to the original conv's output to get the target: a folded BN or
     # nn.Identity
-    order: str
-    rank: int
 
 
 def _folded_bns(model: nn.Module, original: nn.Module) -> dict[str, str]:
@@ -181,25 +184,24 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-_GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "padding_mode")
+_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+             "groups", "padding_mode")
 
 
-def _match(name: str, seq: nn.Module, original: nn.Module, folded: dict[str, str]) -> _Layer:
+def _match(name: str, seq: LowRankConv, original: nn.Module, folded: dict[str, str]) -> _Layer:
     conv = _submodule(original, name)
-    fix = "pass the untouched model the decoupled one was made from (copy.deepcopy it first)"
+    fix = "pass the untouched model the factorized one was made from (copy.deepcopy it first)"
     if conv is None or not is_conv(conv):
         raise DecomposeError(f"the original model has no conv named {name}; {fix}")
-    order = decoupled_order(seq)
-    spatial, point = seq.conv_dw, seq.conv_pw
-    same = all(getattr(spatial, a) == getattr(conv, a) for a in _GEOMETRY)
-    first, last = (spatial, point) if order == "dw-pw" else (point, spatial)
-    same = same and (first.in_channels == conv.in_channels and last.out_channels == conv.out_channels
-                     and point.groups == conv.groups)
-    if not same:
+    if any(getattr(seq, a) != getattr(conv, a) for a in _GEOMETRY):
         raise DecomposeError(f"layer {name} does not match the original conv {tuple(conv.weight.shape)} "
                              f"(shape, stride, padding or groups differ); {fix}")
     after = original.get_submodule(folded[name]) if name in folded else nn.Identity()
-    return _Layer(name, seq, conv, after, order, decoupled_rank(seq))
+    return _Layer(name, seq, conv, after)
+
+
+def _rank(r: Any) -> str:
+    return "x".join(map(str, r)) if isinstance(r, (tuple, list)) else str(r)
 
 
 # ------------------------------------------------------------------------------------- the fit
@@ -224,106 +226,168 @@ def _rows(layer: _Layer, x: torch.Tensor, y: torch.Tensor, joint: bool,
     the first conv's output under the last conv (last-conv fit), and the target pixels; only the
     pixels in ``rows`` when given."""
     if joint:
-        u = refit.patches(x, layer.conv, rows)
+        u = lstsq.patches(x, layer.conv, rows)
         groups = layer.conv.groups
     else:
-        first, last = layer.seq[0], layer.seq[1]
-        u = refit.patches(first(x), last, rows)
+        *head, last = list(layer.seq)
+        for part in head:
+            x = part(x)
+        u = lstsq.patches(x, last, rows)
         groups = last.groups
-    yy = refit.pixels(y, groups)
+    yy = lstsq.pixels(y, groups)
     return u, (yy if rows is None else yy[rows])
 
 
-def _wants_joint(layer: _Layer, refit_depthwise: bool) -> tuple[bool, str | None]:
-    if not refit_depthwise:
+def _wants_joint(layer: _Layer, joint: bool) -> tuple[bool, str | None]:
+    if not joint:
         return False, None
-    cg = layer.conv.in_channels // layer.conv.groups
-    k = math.prod(layer.conv.kernel_size)
-    unknowns = cg * k * (layer.rank if layer.order == "dw-pw" else 1)
-    if max(cg * k, unknowns) > JOINT_MAX_DIM:
-        return False, f"too wide for the joint fit ({max(cg * k, unknowns)} > {JOINT_MAX_DIM})"
+    n = registry.get(layer.seq.method).unknowns(layer.seq)
+    if n > JOINT_MAX_DIM:
+        return False, f"too wide for the joint fit ({n} > {JOINT_MAX_DIM})"
     return True, None
 
 
-def _solve(layer: _Layer, m: refit.Moments, joint: bool, ridge: float, iterations: int,
+def _objective(w: torch.Tensor, bias: torch.Tensor | None, m: lstsq.Moments) -> float:
+    return float(lstsq.objective(lstsq.with_bias(w, bias), m).sum())
+
+
+def generic_refit(module: LowRankConv, m: lstsq.Moments, *, ridge: float, iterations: int,
+                  add_bias: bool, steps: int = 60) -> tuple[float, float]:
+    """The joint refit of any method: minimise ``sum ||y - W(theta) u - b||^2`` over every
+    factor ``theta`` of the layer at once, where ``W(theta)`` is the kernel the method composes
+    (:meth:`decompose.methods.base.Method.compose`, differentiable) and the sum is read from the
+    patch moments ``m``; L-BFGS in float64 from the current factors, with the ridge pulling
+    towards them. ``iterations`` + 1 rounds of ``steps`` L-BFGS steps. In place; returns the
+    objective before and after (the factors are kept only if it fell)."""
+    method = registry.get(module.method)
+    params = [p for p in module.parameters()]
+    saved = [p.detach().clone() for p in params]
+    dtypes = [p.dtype for p in params]
+    bias_param = None
+    last = module[-1]
+    if add_bias and module.bias is None and hasattr(last, "bias") and last.bias is None:
+        last.bias = nn.Parameter(torch.zeros(last.out_channels, dtype=last.weight.dtype,
+                                             device=last.weight.device))
+        bias_param = last.bias
+        params.append(bias_param)
+        saved.append(bias_param.detach().clone())
+        dtypes.append(bias_param.dtype)
+    g = module.groups
+    scale = max(float(m.yy.sum()), 1e-30)
+
+    def loss_of() -> torch.Tensor:
+        w, b = method.compose(module)
+        w = w.double().reshape(g, module.out_channels // g, -1)
+        b = None if b is None else b.double().reshape(g, -1)
+        return lstsq.objective(lstsq.with_bias(w, b), m).sum()
+
+    with torch.no_grad():
+        before = float(loss_of())
+    originals = [p.detach().double().clone() for p in params]
+    for p in params:
+        p.data = p.data.double()
+    lam = ridge * scale / max(sum(p.numel() for p in params), 1)
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                            tolerance_change=1e-14)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_of() / scale
+        if lam:
+            loss = loss + lam / scale * sum(((p - o) ** 2).sum() for p, o in zip(params, originals))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        for _ in range(iterations + 1):
+            opt.step(closure)
+    with torch.no_grad():
+        after = float(loss_of())
+    for p, dt in zip(params, dtypes):
+        p.data = p.data.to(dt)
+        p.grad = None
+    if not (after <= before) or not math.isfinite(after):
+        with torch.no_grad():
+            for p, s0 in zip(params, saved):
+                p.copy_(s0)
+        if bias_param is not None:
+            last.bias = None
+        return before, before
+    return before, after
+
+
+def _solve(layer: _Layer, m: lstsq.Moments, joint: bool, ridge: float, iterations: int,
            add_bias: bool) -> tuple[float, float]:
     """Refit the layer from its moments in place; return (objective before, after)."""
     if joint:
-        first, second, bias = refit.read_factors(layer.seq, layer.order)
-        if bias is None and add_bias:
-            bias = torch.zeros(second.shape[:2] if layer.order == "dw-pw" else first.shape[:2],
-                               dtype=torch.float64, device=first.device)
-        w = refit.composed_weight(layer.order, first, second)
-        before = float(refit.objective(refit._with_bias(w, bias), m).sum())
-        first, second, bias, after = refit.refit_factors(
-            m, layer.order, first, second, bias, ridge=ridge, iterations=iterations)
-        if after <= before:
-            refit.write_factors(layer.seq, layer.order, first, second, bias)
-        return before, min(before, after)
-    last = layer.seq[1]
+        method = registry.get(layer.seq.method)
+        done = method.refit(layer.seq, m, ridge=ridge, iterations=iterations, add_bias=add_bias)
+        if done is not None:
+            return done
+        return generic_refit(layer.seq, m, ridge=ridge, iterations=iterations, add_bias=add_bias)
+    last = layer.seq[-1]
     g = last.groups
     w = last.weight.detach().double().reshape(g, last.out_channels // g, -1)
     bias = last.bias.detach().double().reshape(g, -1) if last.bias is not None else None
     if bias is None and add_bias:
         bias = torch.zeros(w.shape[:2], dtype=torch.float64, device=w.device)
-    before = float(refit.objective(refit._with_bias(w, bias), m).sum())
-    w2, b2 = refit.full_solve(m, w, bias, ridge)
-    after = float(refit.objective(refit._with_bias(w2, b2), m).sum())
+    before = _objective(w, bias, m)
+    w2, b2 = lstsq.full_solve(m, w, bias, ridge)
+    after = _objective(w2, b2, m)
     if after <= before:
-        refit.set_conv(last, w2, b2)
+        set_weights(last, w2, b2)
     return before, min(before, after)
 
 
 # --------------------------------------------------------------------------------------- API
 
 
-def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
-               samples: int = 512, ridge: float = 1e-4, refit_depthwise: bool = True,
-               iterations: int = 1, add_bias: bool = False, pixels_per_image: int | None = 256,
-               cache_mb: float = 1024, seed: int = 0, progress: bool = True
-               ) -> CalibrationReport:
-    """Refit the decoupled layers of ``model`` in place, without labels; return a report.
+def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any],
+               config: CalibrationConfig | None = None, *, progress: bool = True,
+               **fields: Any) -> CalibrationReport:
+    """Refit the factorized layers of ``model`` in place, without labels; return a report.
 
     Args:
-        model: the decoupled model (after :func:`decompose.decompose_`), changed in place.
+        model: the factorized model (after :func:`decompose.decompose_`), changed in place.
         original: the untouched model it was made from (same module names), not changed.
         batches: an iterable of input tensors or ``(inputs, labels)`` pairs (labels are
             ignored), e.g. ``decompose.data.calibration_batches(path)`` or a DataLoader; a
             one-shot iterator is read once and its images kept, a re-iterable one is re-read when
             needed. A single tensor (N, ...) is split into batches of 64.
-        samples: use at most this many images. Default 512.
-        ridge: regularisation of every least-squares solve, relative to the mean diagonal of its
-            normal matrix, pulling towards the current weights (>= 0). Default 1e-4.
-        refit_depthwise: True fits both convs of each layer by alternating least squares on
-            patch statistics; False fits only the conv that produces the output (``conv_pw`` +
-            bias in dw-pw order, ``conv_dw`` + bias in pw-dw order): fewer unknowns, less
-            accurate (docs/calibration.md). Default True.
-        iterations: alternating rounds of the joint fit after the first least-squares fit of the
-            last conv (it stops early once a round gains nothing). Default 1.
-        add_bias: give layers without a bias one (fitted too); it absorbs mean shifts, and the
-            saved model gains a ``bias`` tensor per such layer. Default False.
-        pixels_per_image: use a seeded random subset of at most this many output pixels per
-            image in each layer's statistics (None: all). The statistics cost grows with the
-            pixels; 512 images x 256 pixels is over 200 rows per unknown for a 64-channel 3x3
-            conv. Default 256.
-        cache_mb: memory for paused forward passes (replay mode); batches beyond it are re-run
-            from the input for every layer (slower, same result). Default 1024.
-        seed: seed of the pixel subsets. Default 0.
+        config: a :class:`decompose.CalibrationConfig` (images, joint or last-conv fit, ridge,
+            iterations, bias, pixel subsets, cache, seed); keyword ``fields`` build or amend
+            it (``samples=256``). The joint fit refits every factor of a layer (the method's
+            own solve where it has one, Network Decoupling's alternating least squares, else
+            :func:`generic_refit`); ``method="last"`` only the conv that produces the output:
+            fewer unknowns, less accurate (docs/calibration.md).
         progress: show a progress bar on stderr. Default True.
 
     Raises:
-        DecomposeError: no decoupled layers, an original that does not match, bad batches or
+        DecomposeError: no factorized layers, an original that does not match, bad batches or
             settings.
     """
-    _check_settings(model, original, samples, ridge, iterations, pixels_per_image, cache_mb)
-    names = [n for n, m in model.named_modules() if is_decoupled(m)]
+    if config is None:
+        config = CalibrationConfig(**fields)
+    elif fields:
+        config = CalibrationConfig.from_dict({**config.to_dict(), **fields})
+    if not isinstance(model, nn.Module) or not isinstance(original, nn.Module):
+        raise DecomposeError("calibrate_ needs the factorized model and the original model (both "
+                             "nn.Module); pass (model, original, batches)")
+    if model is original:
+        raise DecomposeError("model and original are the same object; keep a copy of the original "
+                             "(copy.deepcopy) before decompose_ and pass it as original")
+    samples, ridge, iterations = config.samples, config.ridge, config.iterations
+    add_bias, pixels_per_image, seed = config.add_bias, config.pixels_per_image, config.seed
+    cache_mb, joint_fit = config.cache_mb, config.method == "joint"
+    names = [n for n, m in model.named_modules() if is_lowrank(m)]
     if not names:
-        raise DecomposeError("the model has no decoupled layers; run decompose.decompose_(model, "
+        raise DecomposeError("the model has no factorized layers; run decompose.decompose_(model, "
                              "...) on it first, then calibrate")
-    fast = [n for n in names if len(model.get_submodule(n)) != 2]
+    fast = [n for n in names if model.get_submodule(n).form != "plain"]
     if fast:
-        raise DecomposeError(f"layer {fast[0]} is not in the plain (conv_dw, conv_pw) form; convert "
-                             f"it first with decompose.plain_forms_(model), then calibrate")
+        raise DecomposeError(f"layer {fast[0]} is not in its plain form; convert it first with "
+                             "decompose.api.plain_forms_(model), then calibrate")
     t0 = time.perf_counter()
     inputs = _Inputs(batches, samples)
     folded = _folded_bns(model, original)
@@ -349,8 +413,8 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
         bar = _progress(ordered, desc="calibrate", unit="layer", quiet=not progress)
         for layer in bar:
             t1 = time.perf_counter()
-            joint, note = _wants_joint(layer, refit_depthwise)
-            m: refit.Moments | None = None
+            joint, note = _wants_joint(layer, joint_fit)
+            m: lstsq.Moments | None = None
             n_images = 0
             for i, state in states:
                 x_dec, y = runner.inputs(state, layer.name)
@@ -358,22 +422,21 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any], *,
                 rows = sampler.rows(y[0, 0].numel() * len(y), len(y))
                 u, yy = _rows(layer, x_dec, y, joint, None if rows is None else rows.to(y.device))
                 if m is None:
-                    m = refit.Moments(u.shape[1], u.shape[2], yy.shape[2], device=u.device)
+                    m = lstsq.Moments(u.shape[1], u.shape[2], yy.shape[2], device=u.device)
                 m.add(u, yy)
                 n_images += len(x_dec)
                 del u, yy, y, x_dec
                 states.keep(i, state)
             before, after = _solve(layer, m, joint, ridge, iterations, add_bias)
             norm = max(float(m.yy.sum()), 1e-30)
-            lc = LayerCalibration(layer.name, layer.order, layer.rank, "joint" if joint else "last",
+            lc = LayerCalibration(layer.name, layer.seq.variant, layer.seq.rank,
+                                  "joint" if joint else "last",
                                   math.sqrt(max(before, 0) / norm), math.sqrt(max(after, 0) / norm),
-                                  m.rows, time.perf_counter() - t1, note)
+                                  m.rows, time.perf_counter() - t1, note, layer.seq.method)
             results.append(lc)
             bar.set_postfix_str(f"{layer.name} err {lc.error_before:.3f}->{lc.error_after:.3f}")
         bar.close()
-    settings = dict(ridge=ridge, refit_depthwise=refit_depthwise, iterations=iterations,
-                    add_bias=add_bias, pixels_per_image=pixels_per_image, cache_mb=cache_mb,
-                    seed=seed, samples=samples)
+    settings = config.to_dict()
     return CalibrationReport(results, skipped, n_images, time.perf_counter() - t0, runner.mode,
                              torch.get_num_threads(), states.peak / 2**20, settings)
 
@@ -429,24 +492,3 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 5:
         return x.contiguous(memory_format=torch.channels_last_3d)
     return x
-
-
-def _check_settings(model, original, samples, ridge, iterations, pixels_per_image, cache_mb):
-    if not isinstance(model, nn.Module) or not isinstance(original, nn.Module):
-        raise DecomposeError("calibrate_ needs the decoupled model and the original model (both "
-                             "nn.Module); pass (model, original, batches)")
-    if model is original:
-        raise DecomposeError("model and original are the same object; keep a copy of the original "
-                             "(copy.deepcopy) before decompose_ and pass it as original")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise DecomposeError(f"samples must be a positive integer, got {samples!r}; try 512")
-    if not isinstance(ridge, (int, float)) or not ridge >= 0:
-        raise DecomposeError(f"ridge must be a number >= 0, got {ridge!r}; try 1e-4")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise DecomposeError(f"iterations must be an integer >= 0, got {iterations!r}; try 1")
-    if pixels_per_image is not None and (isinstance(pixels_per_image, bool) or not isinstance(
-            pixels_per_image, int) or pixels_per_image < 1):
-        raise DecomposeError(f"pixels_per_image must be a positive integer or None, got "
-                             f"{pixels_per_image!r}")
-    if not isinstance(cache_mb, (int, float)) or not cache_mb >= 0:
-        raise DecomposeError(f"cache_mb must be a number >= 0, got {cache_mb!r}; try 1024")

@@ -39,14 +39,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .layers import (
-    CONV_TYPES,
-    conv_dim,
-    decoupled_form,
-    decoupled_order,
-    decoupled_rank,
-    is_decoupled,
-)
+from ..convs import CONV_TYPES, conv_dim
+from .layers import decoupled_form, decoupled_order, decoupled_rank, is_decoupled, wrap
 
 FORMS = ("plain", "dense", "dw1")
 CHOICES = ("auto",) + FORMS
@@ -99,42 +93,6 @@ class SumChannelGroups(nn.Module):
         return f"size={self.size}"
 
 
-_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def _is_cl(t: torch.Tensor) -> bool:
-    """``t`` has exactly the channels_last(_3d) strides, and they differ from contiguous ones
-    (a depthwise ``(C, 1, k, k)`` weight counts: its strides tell, not ``is_contiguous``)."""
-    fmt = _FORMATS.get(t.dim())
-    if fmt is None:
-        return False
-    want = torch.empty(t.shape, device="meta").contiguous(memory_format=fmt).stride()
-    return t.stride() == want and want != torch.empty(t.shape, device="meta").stride()
-
-
-def is_channels_last(model: nn.Module) -> bool:
-    """True when some 4-D (5-D) parameter of ``model`` is laid out channels_last(_3d)."""
-    return any(_is_cl(p) for p in model.parameters())
-
-
-def to_channels_last_(model: nn.Module) -> int:
-    """Lay every 4-D parameter and buffer out channels_last and every 5-D one channels_last_3d,
-    in place; returns how many tensors changed. PyTorch runs a conv in channels_last when its
-    weight is (even on an NCHW input), and a saved model keeps the strides, so this decides
-    the layout a whole network computes in (docs/layouts.md). Values are unchanged."""
-    changed = 0
-    for m in model.modules():
-        for store in (m._parameters, m._buffers):
-            for t in store.values():
-                if t is None or t.dim() not in _FORMATS or _is_cl(t):
-                    continue
-                new = t.data.contiguous(memory_format=_FORMATS[t.dim()])
-                if new.stride() != t.stride():
-                    t.data = new
-                    changed += 1
-    return changed
-
-
 #: The only non-torch classes a fast form may contain (for a weights-only loader's allowlist).
 CUSTOM_MODULES: tuple[type[nn.Module], ...] = (RepeatChannels, SumChannelGroups)
 
@@ -177,7 +135,7 @@ def to_plain(seq: nn.Module) -> nn.Module:
         bias = dw.bias.detach().reshape(c_out, t).sum(1) if dw.bias is not None else None
         new_dw = _like(dw, c_out * t, c_out, c_out, dw.weight.detach(), bias)
         parts = OrderedDict(conv_pw=copy.deepcopy(pw), conv_dw=new_dw)
-    out = nn.Sequential(parts)
+    out = wrap(parts, seq, order, t, "plain")
     out.train(seq.training)
     return out
 
@@ -259,7 +217,7 @@ def _dw1(seq: nn.Module) -> nn.Module:
         parts = OrderedDict(repeat=RepeatChannels(t), conv_dw=dw1, conv_pw=pw1)
     else:
         parts = OrderedDict(conv_pw=pw1, conv_dw=dw1, sum=SumChannelGroups(t))
-    return nn.Sequential(parts)
+    return wrap(parts, seq, order, t, "dw1")
 
 
 _BUILDERS = {"plain": copy.deepcopy, "dense": _dense, "dw1": _dw1}

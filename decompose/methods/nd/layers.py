@@ -1,8 +1,6 @@
-"""The decoupled layer: a plain ``nn.Sequential`` of two standard convs named like timm's
-``SeparableConv2d`` parts, ``conv_dw`` (k x k, groups = channels) and ``conv_pw`` (1 x 1).
-
-Only standard ``torch.nn`` layers are used so that ``torch.save``, the weights-only loader,
-TorchScript and ONNX export all work on the result with no class of ours in the file.
+"""The decoupled layer: a :class:`~decompose.methods.module.LowRankConv` of two standard convs
+named like timm's ``SeparableConv2d`` parts, ``conv_dw`` (k x k, groups = channels) and
+``conv_pw`` (1 x 1), in either order.
 """
 
 from __future__ import annotations
@@ -12,69 +10,40 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .kernel import Factors, depthwise_pointwise_weights, factorize
+from ...kernels.nd import Factors, depthwise_pointwise_weights, factorize
+from ..convs import conv_dim, is_conv, new_conv
+from ..module import LowRankConv, is_lowrank
 
-CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def conv_dim(conv: nn.Module) -> int:
-    return len(conv.kernel_size)
-
-
-def taps(conv: nn.Module) -> int:
-    k = 1
-    for s in conv.kernel_size:
-        k *= int(s)
-    return k
-
-
-def is_conv(m: nn.Module) -> bool:
-    """A regular (not transposed) Conv1d/2d/3d, subclasses included."""
-    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+NAME = "nd"
 
 
 def is_decoupled(m: nn.Module) -> bool:
-    """True for a module built by :func:`decouple_conv` (or the same shape saved and reloaded),
-    in its plain form (``conv_dw``, ``conv_pw``) or the ``"dw1"`` form of
-    :func:`decompose.methods.nd.forms.fast_form` (three children: ``repeat, conv_dw, conv_pw`` or
-    ``conv_pw, conv_dw, sum``)."""
-    if not (isinstance(m, nn.Sequential) and hasattr(m, "conv_dw") and hasattr(m, "conv_pw")):
-        return False
-    if len(m) == 2:
-        return True
-    return len(m) == 3 and (hasattr(m, "repeat") or hasattr(m, "sum"))
+    """True for a Network Decoupling layer (:func:`decouple_conv`), in any form."""
+    return is_lowrank(m) and m.method == NAME
 
 
 def decoupled_form(m: nn.Module) -> str:
-    """``"plain"`` or ``"dw1"`` for a decoupled module (see :func:`is_decoupled`)."""
-    return "dw1" if len(m) == 3 else "plain"
+    """``"plain"`` or ``"dw1"`` for a decoupled module."""
+    return m.form
 
 
 def decoupled_order(m: nn.Module) -> str:
-    """'dw-pw' or 'pw-dw' for a decoupled module, read from the order of its convs."""
-    first = next(n for n in m._modules if n in ("conv_dw", "conv_pw"))
-    return "dw-pw" if first == "conv_dw" else "pw-dw"
+    """'dw-pw' or 'pw-dw' for a decoupled module."""
+    return m.variant
 
 
 def decoupled_rank(m: nn.Module) -> int:
     """The number of depthwise-separable terms T in a decoupled module (either form)."""
-    if len(m) == 3:  # dw1: the helper module holds T
-        return int(m.repeat.repeats) if hasattr(m, "repeat") else int(m.sum.size)
-    if decoupled_order(m) == "dw-pw":
-        return m.conv_dw.out_channels // m.conv_dw.in_channels
-    return m.conv_pw.out_channels // m.conv_dw.out_channels
+    return int(m.rank)
 
 
-def _new_conv(ref: nn.Module, cin: int, cout: int, kernel, stride, padding, dilation, groups,
-              bias: bool, padding_mode: str) -> nn.Module:
-    cls = CONV_TYPES[conv_dim(ref)]
-    return cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
-               groups=groups, bias=bias, padding_mode=padding_mode,
-               device=ref.weight.device, dtype=ref.weight.dtype)
+def wrap(parts: OrderedDict, like: nn.Module, order: str, rank: int, form: str) -> LowRankConv:
+    """A decoupled LowRankConv around ``parts`` (the geometry is ``like``'s)."""
+    return LowRankConv(parts, like=like, method=NAME, variant=order, rank=rank, form=form)
 
 
 def decouple_conv(conv: nn.Module, rank: int, order: str = "dw-pw",
-                  factors: Factors | None = None) -> nn.Sequential:
+                  factors: Factors | None = None) -> LowRankConv:
     """Replace one conv by ``T = rank`` depthwise-separable terms (capped at the full rank).
 
     dw-pw: ``conv_dw`` = ConvNd(C_in, C_in*T, k, stride, padding, dilation, groups=C_in,
@@ -82,7 +51,7 @@ def decouple_conv(conv: nn.Module, rank: int, order: str = "dw-pw",
     pw-dw: ``conv_pw`` = ConvNd(C_in, C_out*T, 1, groups=g) then ``conv_dw`` =
     ConvNd(C_out*T, C_out, k, stride, padding, dilation, groups=C_out, bias, padding_mode).
     Padding commutes with a bias-free 1x1 conv for every padding mode, so both are exact at full
-    rank.
+    rank. The result carries ``conv``'s geometry (a drop-in: ``.stride``, ``.weight``, ...).
     """
     if not is_conv(conv):
         raise TypeError(f"expected Conv1d/2d/3d, got {type(conv).__name__}")
@@ -90,27 +59,98 @@ def decouple_conv(conv: nn.Module, rank: int, order: str = "dw-pw",
     t = min(int(rank), f.max_rank)
     first, second = depthwise_pointwise_weights(f, t)
     c_in, c_out, g = conv.in_channels, conv.out_channels, conv.groups
-    dim = conv_dim(conv)
-    ones = (1,) * dim
-    has_bias = conv.bias is not None
-    spatial = dict(kernel=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                   dilation=conv.dilation, padding_mode=conv.padding_mode)
-    point = dict(kernel=ones, stride=ones, padding=0, dilation=ones, padding_mode="zeros")
+    ones = (1,) * conv_dim(conv)
+    bias = conv.bias.detach() if conv.bias is not None else None
+    spatial = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                   padding_mode=conv.padding_mode)
     if f.order == "dw-pw":
-        dw = _new_conv(conv, c_in, c_in * t, groups=c_in, bias=False, **spatial)
-        pw = _new_conv(conv, c_in * t, c_out, groups=g, bias=has_bias, **point)
+        dw = new_conv(conv, c_in, c_in * t, conv.kernel_size, groups=c_in, weight=first,
+                      **spatial)
+        pw = new_conv(conv, c_in * t, c_out, ones, groups=g, bias=bias is not None,
+                      weight=second, bias_value=bias)
         parts = OrderedDict(conv_dw=dw, conv_pw=pw)
-        dw_w, pw_w = first, second
     else:
-        pw = _new_conv(conv, c_in, c_out * t, groups=g, bias=False, **point)
-        dw = _new_conv(conv, c_out * t, c_out, groups=c_out, bias=has_bias, **spatial)
+        pw = new_conv(conv, c_in, c_out * t, ones, groups=g, weight=first)
+        dw = new_conv(conv, c_out * t, c_out, conv.kernel_size, groups=c_out,
+                      bias=bias is not None, weight=second, bias_value=bias, **spatial)
         parts = OrderedDict(conv_pw=pw, conv_dw=dw)
-        pw_w, dw_w = first, second
-    with torch.no_grad():
-        dw.weight.copy_(dw_w.reshape(dw.weight.shape))
-        pw.weight.copy_(pw_w.reshape(pw.weight.shape))
-        if has_bias:
-            (pw if f.order == "dw-pw" else dw).bias.copy_(conv.bias)
-    seq = nn.Sequential(parts)
-    seq.train(conv.training)
-    return seq
+    out = wrap(parts, conv, f.order, t, "plain")
+    out.train(conv.training)
+    return out
+
+
+def upgrade_legacy(seq: nn.Module) -> LowRankConv | None:
+    """A decoupled layer saved by decompose 0.1 (a bare ``nn.Sequential`` of ``conv_dw`` and
+    ``conv_pw``, or the dw1 form's three children) as a LowRankConv with the same parameters;
+    None when ``seq`` is not one."""
+    if is_lowrank(seq) or not isinstance(seq, nn.Sequential):
+        return None
+    names = list(seq._modules)
+    if not {"conv_dw", "conv_pw"} <= set(names) or len(names) not in (2, 3):
+        return None
+    if len(names) == 3 and not ({"repeat"} <= set(names) or {"sum"} <= set(names)):
+        return None
+    dw, pw = seq.conv_dw, seq.conv_pw
+    order = "dw-pw" if names.index("conv_dw") < names.index("conv_pw") else "pw-dw"
+    form = "dw1" if len(names) == 3 else "plain"
+    if form == "dw1":
+        t = int(seq.repeat.repeats) if order == "dw-pw" else int(seq.sum.size)
+    elif order == "dw-pw":
+        t = dw.out_channels // dw.in_channels
+    else:
+        t = pw.out_channels // dw.out_channels
+    geometry = _Geometry(dw, pw, order, t, form)
+    out = wrap(OrderedDict(seq._modules), geometry, order, t, form)
+    out.train(seq.training)
+    return out
+
+
+class _Geometry:
+    """The original conv's geometry, read back from a legacy decoupled layer's parts."""
+
+    def __init__(self, dw: nn.Module, pw: nn.Module, order: str, t: int, form: str) -> None:
+        for a in ("kernel_size", "stride", "padding", "dilation", "padding_mode"):
+            setattr(self, a, getattr(dw, a))
+        self.groups = pw.groups
+        self._reversed_padding_repeated_twice = dw._reversed_padding_repeated_twice
+        self.transposed, self.output_padding = False, (0,) * len(dw.kernel_size)
+        if order == "dw-pw":
+            self.in_channels = dw.in_channels if form == "plain" else dw.in_channels // t
+            self.out_channels = pw.out_channels
+        else:
+            self.in_channels = pw.in_channels
+            self.out_channels = dw.out_channels if form == "plain" else dw.out_channels // t
+
+
+def compose(m: LowRankConv) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W_T, bias)`` of the dense conv equal to the decoupled layer ``m``; differentiable in
+    the plain form (the dw1 form is composed through its plain equivalent)."""
+    if m.form != "plain":
+        from .forms import to_plain
+        m = to_plain(m)
+    dw, pw = m.conv_dw, m.conv_pw
+    t = int(m.rank)
+    k = tuple(dw.weight.shape[2:])
+    taps = dw.weight[0, 0].numel()
+    if m.variant == "dw-pw":  # dw: C_in -> C_in*T (groups C_in); pw: -> C_out (g)
+        g, c_in, c_out = pw.groups, dw.in_channels, pw.out_channels
+        cg = c_in // g
+        d = dw.weight.reshape(g, cg, t, taps)
+        p = pw.weight.reshape(g, c_out // g, cg, t)
+        w = torch.einsum("gocs,gcsk->gock", p, d).reshape(c_out, cg, *k)
+        bias = pw.bias
+        if dw.bias is not None:  # a depthwise bias goes through the 1x1 conv
+            b_in = dw.bias.reshape(g, 1, cg * t)
+            fold = (pw.weight.reshape(g, c_out // g, cg * t) * b_in).sum(-1).reshape(c_out)
+            bias = fold if bias is None else bias + fold
+        return w, bias
+    # pw-dw: pw: C_in -> C_out*T (groups g); dw: C_out*T -> C_out (groups C_out, T inputs each)
+    c_out = dw.out_channels
+    d = dw.weight.reshape(c_out, t, taps)
+    p = pw.weight.reshape(c_out, t, -1)
+    w = torch.einsum("ots,otk->osk", p, d).reshape(c_out, -1, *k)
+    bias = dw.bias
+    if pw.bias is not None:  # exact only with zero padding and no padding near the border
+        fold = (dw.weight.reshape(c_out, t, taps).sum(-1) * pw.bias.reshape(c_out, t)).sum(1)
+        bias = fold if bias is None else bias + fold
+    return w, bias

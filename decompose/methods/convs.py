@@ -1,0 +1,96 @@
+"""What every method needs to know about a convolution: its type, geometry and cost.
+
+Regular convolutions (``nn.Conv1d/2d/3d`` and subclasses) are what the methods factor. Their
+geometry (kernel, stride, padding and padding mode, dilation, groups) travels with a factorized
+layer (:class:`decompose.methods.module.LowRankConv`) so that it stays a drop-in for the conv.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FORWARDS = tuple(c.forward for c in CONV_TYPES.values())
+
+#: The attributes of a conv that a factorized layer copies, so code reading them keeps working.
+GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+            "groups", "padding_mode", "transposed", "output_padding")
+
+
+def is_conv(m: nn.Module) -> bool:
+    """A regular (not transposed) Conv1d/2d/3d, subclasses included."""
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def has_own_forward(m: nn.Module) -> bool:
+    """A conv subclass whose class overrides ``forward``: its weight and geometry are not all it
+    computes with, so replacing it by factors of its weight would change what it does."""
+    return is_conv(m) and type(m).forward not in _CONV_FORWARDS
+
+
+def conv_dim(conv: nn.Module) -> int:
+    return len(conv.kernel_size)
+
+
+def taps(conv: nn.Module) -> int:
+    """K: the number of kernel taps (9 for 3x3)."""
+    return math.prod(int(s) for s in conv.kernel_size)
+
+
+def new_conv(ref: nn.Module, cin: int, cout: int, kernel, *, stride=1, padding=0, dilation=1,
+             groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+             weight: torch.Tensor | None = None, bias_value: torch.Tensor | None = None
+             ) -> nn.Module:
+    """A ConvNd of ``ref``'s dimension, dtype and device; weights copied in when given."""
+    cls = CONV_TYPES[conv_dim(ref)]
+    conv = cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
+               groups=groups, bias=bias, padding_mode=padding_mode,
+               device=ref_device(ref), dtype=ref_dtype(ref))
+    with torch.no_grad():
+        if weight is not None:
+            conv.weight.copy_(weight.reshape(conv.weight.shape))
+        if bias_value is not None:
+            conv.bias.copy_(bias_value.reshape(conv.bias.shape))
+    return conv
+
+
+def ref_dtype(m: nn.Module) -> torch.dtype:
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w.dtype
+    p = next(m.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def ref_device(m: nn.Module) -> torch.device:
+    p = next(m.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def conv_macs(conv: nn.Module, out_shape: tuple[int, ...]) -> int:
+    """MACs of one call of a conv (or a factorized layer, by its original geometry) producing
+    ``out_shape`` (batch 1 assumed in the count)."""
+    pixels = math.prod(out_shape[2:])
+    return conv.out_channels * (conv.in_channels // conv.groups) * taps(conv) * pixels
+
+
+def as_tuple(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def set_weights(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Copy ``weight`` (any layout with the same number of elements) and, when given, ``bias``
+    into ``conv``, creating its bias parameter if it has none."""
+    with torch.no_grad():
+        conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight.dtype))
+        if bias is None:
+            return
+        b = bias.reshape(-1).to(conv.weight.dtype)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(b.clone(), requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(b)
+
