@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
 from ._common import DefaultGroup
 from .demo import demo_cmd
 from .eval import eval_cmd
@@ -15,7 +14,7 @@ from .sweep import sweep_cmd
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="decompose")
+@click.version_option(package_name="decompose", prog_name="decompose")
 def cli() -> None:
     """Decompose trained PyTorch convolutions into depthwise + pointwise pieces.
 

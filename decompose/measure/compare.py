@@ -32,9 +32,8 @@ from ..engine.trace import calls_for as _calls_for
 from ..engine.trace import capture_inputs, eval_mode
 from ..engine.trace import device_of as _device
 from ..errors import DecomposeError
-from ..planning.plan import LayerPlan
 from ..progress import is_quiet, progress
-from ..report import Report
+from ..report import LayerPlan, Report
 from .clock import allocator_settings, compare_latency, speedups
 
 Batch = tuple[torch.Tensor, torch.Tensor]

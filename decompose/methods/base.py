@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .convs import taps
-from .module import LowRankConv
+
+if TYPE_CHECKING:  # the module imports the registry, which imports this file
+    from .module import LowRankConv
 
 #: A method's rank: an int, or a tuple for methods with several (e.g. Tucker-2's two).
 Rank = Any
