@@ -31,7 +31,8 @@ from ..convs import taps
 from ..module import LowRankConv
 from ..registry import register
 from . import forms, refit
-from .layers import compose, decouple_conv, is_decoupled
+from .forms import compose
+from .layers import decouple_conv, is_decoupled
 
 
 def costs(conv: nn.Module, call: Any, order: str) -> tuple[int, int]:

@@ -318,3 +318,36 @@ def form_name(m: nn.Module) -> str:
     if is_decoupled(m):
         return "plain"
     raise TypeError(f"not a form built by decompose.methods.nd.forms: {type(m).__name__}")
+
+
+def compose(m: LowRankConv) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W_T, bias)`` of the dense conv equal to the decoupled layer ``m``; differentiable in
+    the plain form (the dw1 form is composed through its plain equivalent)."""
+    if m.form != "plain":
+        m = to_plain(m)
+    dw, pw = m.conv_dw, m.conv_pw
+    t = int(m.rank)
+    k = tuple(dw.weight.shape[2:])
+    taps = dw.weight[0, 0].numel()
+    if m.variant == "dw-pw":  # dw: C_in -> C_in*T (groups C_in); pw: -> C_out (g)
+        g, c_in, c_out = pw.groups, dw.in_channels, pw.out_channels
+        cg = c_in // g
+        d = dw.weight.reshape(g, cg, t, taps)
+        p = pw.weight.reshape(g, c_out // g, cg, t)
+        w = torch.einsum("gocs,gcsk->gock", p, d).reshape(c_out, cg, *k)
+        bias = pw.bias
+        if dw.bias is not None:  # a depthwise bias goes through the 1x1 conv
+            b_in = dw.bias.reshape(g, 1, cg * t)
+            fold = (pw.weight.reshape(g, c_out // g, cg * t) * b_in).sum(-1).reshape(c_out)
+            bias = fold if bias is None else bias + fold
+        return w, bias
+    # pw-dw: pw: C_in -> C_out*T (groups g); dw: C_out*T -> C_out (groups C_out, T inputs each)
+    c_out = dw.out_channels
+    d = dw.weight.reshape(c_out, t, taps)
+    p = pw.weight.reshape(c_out, t, -1)
+    w = torch.einsum("ots,otk->osk", p, d).reshape(c_out, -1, *k)
+    bias = dw.bias
+    if pw.bias is not None:  # exact only with zero padding and no padding near the border
+        fold = (dw.weight.reshape(c_out, t, taps).sum(-1) * pw.bias.reshape(c_out, t)).sum(1)
+        bias = fold if bias is None else bias + fold
+    return w, bias

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 from ...kernels.nd import Factors, depthwise_pointwise_weights, factorize
@@ -120,37 +119,3 @@ class _Geometry:
         else:
             self.in_channels = pw.in_channels
             self.out_channels = dw.out_channels if form == "plain" else dw.out_channels // t
-
-
-def compose(m: LowRankConv) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W_T, bias)`` of the dense conv equal to the decoupled layer ``m``; differentiable in
-    the plain form (the dw1 form is composed through its plain equivalent)."""
-    if m.form != "plain":
-        from .forms import to_plain
-        m = to_plain(m)
-    dw, pw = m.conv_dw, m.conv_pw
-    t = int(m.rank)
-    k = tuple(dw.weight.shape[2:])
-    taps = dw.weight[0, 0].numel()
-    if m.variant == "dw-pw":  # dw: C_in -> C_in*T (groups C_in); pw: -> C_out (g)
-        g, c_in, c_out = pw.groups, dw.in_channels, pw.out_channels
-        cg = c_in // g
-        d = dw.weight.reshape(g, cg, t, taps)
-        p = pw.weight.reshape(g, c_out // g, cg, t)
-        w = torch.einsum("gocs,gcsk->gock", p, d).reshape(c_out, cg, *k)
-        bias = pw.bias
-        if dw.bias is not None:  # a depthwise bias goes through the 1x1 conv
-            b_in = dw.bias.reshape(g, 1, cg * t)
-            fold = (pw.weight.reshape(g, c_out // g, cg * t) * b_in).sum(-1).reshape(c_out)
-            bias = fold if bias is None else bias + fold
-        return w, bias
-    # pw-dw: pw: C_in -> C_out*T (groups g); dw: C_out*T -> C_out (groups C_out, T inputs each)
-    c_out = dw.out_channels
-    d = dw.weight.reshape(c_out, t, taps)
-    p = pw.weight.reshape(c_out, t, -1)
-    w = torch.einsum("ots,otk->osk", p, d).reshape(c_out, -1, *k)
-    bias = dw.bias
-    if pw.bias is not None:  # exact only with zero padding and no padding near the border
-        fold = (dw.weight.reshape(c_out, t, taps).sum(-1) * pw.bias.reshape(c_out, t)).sum(1)
-        bias = fold if bias is None else bias + fold
-    return w, bias
