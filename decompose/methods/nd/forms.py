@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..convs import CONV_TYPES, conv_dim
+from ..module import LowRankConv
 from .layers import decoupled_form, decoupled_order, decoupled_rank, is_decoupled, wrap
 
 FORMS = ("plain", "dense", "dw1")
