@@ -119,8 +119,10 @@ def positive(ctx, param, value):
 def rank_options(f: Callable) -> Callable:
     """How ranks are chosen, and which layers: the fields of DecomposeConfig."""
     opts = [
-        click.option("--rank", "rank", metavar="T",
-                     help="Keep T depthwise-separable terms per layer (integer >= 1). Default 1."),
+        click.option("--rank", "rank", metavar="T|full",
+                     help="Keep T terms (the method's rank) per layer (integer >= 1), or 'full': "
+                          "every layer at its exact rank even where that costs more (to check "
+                          "that the model is reproduced). Default 1."),
         click.option("--energy", metavar="E",
                      help="Keep the fewest terms holding fraction E of each layer's squared "
                           "singular values, 0 < E <= 1."),
@@ -130,7 +132,8 @@ def rank_options(f: Callable) -> Callable:
         click.option("--target-params", metavar="F",
                      help="The same budget on parameters."),
         click.option("--order", type=click.Choice(["auto", "dw-pw", "pw-dw"]), default="auto",
-                     show_default=True, help="Depthwise-then-pointwise, the reverse, or per layer."),
+                     show_default=True, help="Network Decoupling's order: depthwise-then-"
+                     "pointwise, the reverse, or per layer."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Only convs whose name matches (repeatable), e.g. 'layer3.*'."),
         click.option("--exclude", multiple=True, metavar="GLOB",
@@ -154,6 +157,12 @@ def build_options(f: Callable) -> Callable:
     --form, --latency-aware, --plan-batch, --plan-threads, --allocate, --channels-last. Part of
     :func:`rank_options`; ``decompose sweep`` applies them to every setting."""
     opts = [
+        click.option("--method", default="nd", show_default=True, metavar="NAME[,NAME]|auto",
+                     help="The factorization: " + _method_names() + "; 'auto' picks per layer "
+                          "the method, variant and rank with the least error under a budget; a "
+                          "comma list restricts auto (docs/methods.md)."),
+        click.option("--method-seed", type=int, default=0, show_default=True, metavar="N",
+                     help="Seed of iterative methods (CP's ALS), for reproducible results."),
         click.option("--fold-bn/--no-fold-bn", default=False, show_default=True,
                      help="Fold each BatchNorm that only reads a conv's output into that conv "
                           "before decoupling."),
@@ -186,19 +195,25 @@ def build_options(f: Callable) -> Callable:
     return f
 
 
+def _method_names() -> str:
+    from ..methods import names
+    return ", ".join(names())
+
+
 def build_fields(fold_bn=False, form="plain", latency_aware=False, plan_batch=1,
-                 plan_threads=None, channels_last=False, allocation="kernel") -> dict:
+                 plan_threads=None, channels_last=False, allocation="kernel", method="nd",
+                 method_seed=0) -> dict:
     """DecomposeConfig fields from :func:`build_options`' values (flag names -> field names)."""
     return dict(fold_bn=fold_bn, form=form, latency_aware=latency_aware,
                 latency_batch=plan_batch, threads=plan_threads, channels_last=channels_last,
-                allocation=allocation)
+                allocation=allocation, method=method, seed=method_seed)
 
 
 def config_from_options(rank, energy, target_macs, target_params, order, include, exclude,
                         input_shape, target_latency=None, **build):
     from ..config import DecomposeConfig
     return DecomposeConfig(
-        rank=parse_number(rank, "--rank", int, "1"),
+        rank="full" if rank == "full" else parse_number(rank, "--rank", int, "1"),
         energy=parse_number(energy, "--energy", float, "0.9"),
         target_macs=parse_number(target_macs, "--target-macs", float, "0.5"),
         target_params=parse_number(target_params, "--target-params", float, "0.5"),
@@ -213,6 +228,6 @@ def pop_keys(d: dict, keys: list[str]) -> dict:
 
 
 BUILD_KEYS = ["fold_bn", "form", "latency_aware", "plan_batch", "plan_threads", "channels_last",
-              "allocation"]
+              "allocation", "method", "method_seed"]
 RANK_KEYS = ["rank", "energy", "target_macs", "target_params", "order", "include", "exclude",
              "input_shape", "target_latency", *BUILD_KEYS]
