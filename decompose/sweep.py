@@ -24,6 +24,7 @@ import copy
 import csv
 import dataclasses
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from . import api
-from .api import decompose_, measure_curves, reusable_batches
+from .api import decompose_, finalize_forms_, measure_curves, plain_forms_, reusable_batches
 from .config import BUDGETS, CalibrationConfig, DecomposeConfig
 from .errors import BudgetError, DecomposeError
 from .measure.compare import (
@@ -47,6 +48,7 @@ from .measure.compare import (
     sqnr_db,
 )
 from .progress import is_quiet, progress
+from .recover.calibrate import calibrate_
 from .report import Report
 
 RULES = {"rank": "--ranks", "energy": "--energies", "target_macs": "--targets",
@@ -55,10 +57,11 @@ EXAMPLES = {"rank": "1,2,3", "energy": "0.5,0.8", "target_macs": "0.3,0.5",
             "target_latency": "0.5,0.7"}
 SHORT = {"rank": "T", "energy": "E", "target_macs": "MACs", "target_latency": "lat",
          "target_params": "params"}
-COLUMNS = ["setting", "rule", "value", "order", "layers_decomposed", "macs_ratio",
+COLUMNS = ["setting", "method", "rule", "value", "order", "layers_decomposed", "macs_ratio",
            "params_ratio", "decomposed_macs_ratio", "mean_kernel_error", "top1", "top5",
            "drop_top1", "sqnr_db", "before_ms", "after_ms", "speedup", "speedup_same_layout",
-           "calibrated", "calib_seconds", "predicted_latency_fraction"]
+           "calibrated", "calib_seconds", "predicted_latency_fraction", "seconds",
+           "top1_datafree", "drop_top1_datafree"]
 
 
 def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
@@ -99,7 +102,10 @@ def sweep_configs(ranks: Iterable[int] = (), energies: Iterable[float] = (),
 def _label(config: DecomposeConfig) -> tuple[str, str, float]:
     rule = config.selection
     value = getattr(config, rule)
-    return f"{SHORT[rule]}={value:g} {config.order}", rule, value
+    if isinstance(value, str):  # rank "full"
+        return f"{SHORT[rule]}={value} {config.order}", rule, value
+    order = config.order if config.method == "nd" else config.method
+    return f"{SHORT[rule]}={value:g} {order}", rule, value
 
 
 @dataclass
@@ -208,7 +214,7 @@ def sweep(model: nn.Module, configs: Sequence[DecomposeConfig], *,
           repeats: int = 20, threads: int | None = None, error_images: int = 256,
           calibration: Iterable[Any] | None = None,
           calibration_config: CalibrationConfig | None = None, timer: Any = None,
-          latency_fn: Any = None,
+          latency_fn: Any = None, datafree: bool = False,
           quiet: bool | None = None) -> SweepResult:
     """Decompose a copy of ``model`` with every config and measure each (``model`` is unchanged).
 
@@ -226,6 +232,8 @@ def sweep(model: nn.Module, configs: Sequence[DecomposeConfig], *,
             measured. A one-shot iterator is read once (at most ``calibration_config.samples``
             images kept in memory) and reused for every setting. None: no calibration.
         calibration_config: a :class:`decompose.CalibrationConfig` (default: 512 images, joint).
+        datafree: with ``calibration`` and ``batches``, also score every setting before it is
+            calibrated (``top1_datafree``; ``decompose compare`` shows both).
         timer, latency_fn: the planner's clock for timed settings, as in
             :func:`decompose.plan` (tests).
         quiet: silence progress bars (None: as :func:`decompose.progress.quiet_progress` says).
@@ -238,7 +246,7 @@ def sweep(model: nn.Module, configs: Sequence[DecomposeConfig], *,
         return _sweep(model, configs, batches=batches, meta=meta, latency=latency,
                       latency_batch=latency_batch, repeats=repeats, threads=threads,
                       error_images=error_images, calibration=calibration, cal=cal,
-                      timer=timer, latency_fn=latency_fn, quiet=quiet)
+                      timer=timer, latency_fn=latency_fn, datafree=datafree, quiet=quiet)
 
 
 def _untimed(config: DecomposeConfig) -> DecomposeConfig:
@@ -249,7 +257,7 @@ def _untimed(config: DecomposeConfig) -> DecomposeConfig:
 
 
 def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, threads,
-           error_images, calibration, cal, timer, latency_fn, quiet) -> SweepResult:
+           error_images, calibration, cal, timer, latency_fn, datafree, quiet) -> SweepResult:
     first = api.plan(model, _untimed(configs[0]), meta=meta)
     shape = first.input_shape
     baseline: dict[str, Any] = {"macs": first.totals["macs_before"],
@@ -284,13 +292,28 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
                                                  calibration,
                                                  min(cal.allocation_samples, cal.samples))
                 known = curves[key]
-            report: Report = decompose_(new, config, calibration=calibration,
-                                        calibration_config=cal, original=model, meta=meta,
-                                        progress=not is_quiet(quiet), timer=timer,
+            t0 = time.perf_counter()
+            # factor (no data), then calibrate: decompose_(..., calibration=...)'s chain,
+            # with the data-free model scored in between when asked
+            report: Report = decompose_(new, config, meta=meta, timer=timer,
                                         latency_fn=latency_fn, error_curves=known)
+            seconds = time.perf_counter() - t0
+            free = None
+            if calibration is not None and report.decomposed:
+                if known is not None:
+                    report.allocation = {"errors": "relative output error",
+                                         "images": min(cal.allocation_samples, cal.samples)}
+                if datafree and batches is not None:
+                    free = evaluate_model(new, batches, desc=f"eval {label} data-free",
+                                          quiet=quiet)
+                plain_forms_(new)  # calibration fits the plain form ...
+                report.calibration = calibrate_(new, model, calibration, cal,
+                                                progress=not is_quiet(quiet)).to_dict()
+                finalize_forms_(new, report)  # ... then the chosen forms (exact)
         except BudgetError as e:  # unreachable budget: say so in its row and go on
-            rows.append({**dict.fromkeys(COLUMNS), "setting": label, "rule": rule,
-                         "value": value, "order": config.order, "layers_decomposed": 0,
+            rows.append({**dict.fromkeys(COLUMNS), "setting": label, "method": config.method,
+                         "rule": rule, "value": value, "order": config.order,
+                         "layers_decomposed": 0,
                          "calibrated": False, "note": f"not reachable: {e}"})
             continue
         except DecomposeError as e:
@@ -299,8 +322,9 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
         done = report.decomposed
         cal_done = report.calibration
         row: dict[str, Any] = {
-            "setting": label, "rule": rule, "value": value, "order": config.order,
-            "layers_decomposed": t["layers_decomposed"],
+            "setting": label, "method": config.method, "rule": rule, "value": value,
+            "order": config.order, "layers_decomposed": t["layers_decomposed"],
+            "seconds": seconds,
             "macs_ratio": t["macs_after"] / t["macs_before"] if t["macs_before"] else None,
             "params_ratio": t["params_after"] / t["params_before"] if t["params_before"] else None,
             "decomposed_macs_ratio": t["decomposed_macs_ratio"] if done else None,
@@ -327,6 +351,9 @@ def _sweep(model, configs, *, batches, meta, latency, latency_batch, repeats, th
                 acc = accuracy_dict(before, after)
                 row.update(top1=after["top1"], top5=after["top5"], drop_top1=acc["drop_top1"],
                            sqnr_db=_output_sqnr(reference, new, xs))
+                if free is not None:
+                    row.update(top1_datafree=free["top1"],
+                               drop_top1_datafree=accuracy_dict(before, free)["drop_top1"])
             if x_lat is not None:
                 lat = measure_latency(model, new, report.layers, x_lat, repeats=repeats,
                                       threads=threads, per_layer=False, quiet=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._common import DefaultGroup
+from .compare import compare_cmd
 from .demo import demo_cmd
 from .eval import eval_cmd
 from .export import export_cmd
@@ -16,11 +17,12 @@ from .sweep import sweep_cmd
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="decompose", prog_name="decompose")
 def cli() -> None:
-    """Decompose trained PyTorch convolutions into depthwise + pointwise pieces.
+    """Factor trained PyTorch convolutions into cheaper pieces (Network Decoupling by default).
 
     \b
-    decompose MODEL --rank 1      decouple MODEL (the default command, 'run')
+    decompose MODEL --rank 1      factor MODEL (the default command, 'run')
     decompose report MODEL        the same report, nothing written
+    decompose compare MODEL       every method at equal multiply-adds, side by side
     Run 'decompose COMMAND --help' for each command's options and examples.
     """
 
@@ -30,6 +32,7 @@ cli.add_command(report_cmd)
 cli.add_command(demo_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(sweep_cmd)
+cli.add_command(compare_cmd)
 cli.add_command(finetune_cmd)
 cli.add_command(export_cmd)
 

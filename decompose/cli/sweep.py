@@ -42,6 +42,23 @@ def _orders(text: str) -> list[str]:
     return orders
 
 
+def load_with_data(model: str, opts: dict, loader, shape, quiet: bool):
+    """The model, its --data batches in memory, and the input shape (the data's when neither
+    --input-shape nor the model says it): what sweep and compare measure with."""
+    from ..engine.trace import infer_input_shape
+    loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"])
+    log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
+    batches = None
+    if loader is not None:
+        from ..measure.compare import cache_batches
+        batches = cache_batches(loader)
+        if shape is None and batches:
+            _, source = infer_input_shape(loaded.model, None, loaded.meta)
+            if source == "default":
+                shape = tuple(batches[0][0].shape[1:])
+    return loaded, batches, shape
+
+
 @click.command("sweep")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--ranks", metavar="T,T,...", help="Ranks to try, e.g. 1,2,3,4,9.")
@@ -95,7 +112,6 @@ def sweep_cmd(model: str, **opts) -> None:
           --ranks 2,3 --exclude conv1 --fold-bn --form auto --calibrate cifar10/train \\
           --calib-samples 512 --data cifar10/test --limit 2000
     """
-    from ..engine.trace import infer_input_shape
     from ..sweep import EXAMPLES, sweep, sweep_configs
     data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
     calib_opts = pop_keys(opts, CALIB_KEYS)
@@ -120,16 +136,7 @@ def sweep_cmd(model: str, **opts) -> None:
     with quiet_progress(quiet):
         calib = calibration_batches_from(calib_opts, data_opts)  # a bad folder fails now
         loader = make_loader_from(data_opts)
-        loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"])
-        log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
-        batches = None
-        if loader is not None:
-            from ..measure.compare import cache_batches
-            batches = cache_batches(loader)
-            if shape is None and batches:
-                _, source = infer_input_shape(loaded.model, None, loaded.meta)
-                if source == "default":
-                    shape = tuple(batches[0][0].shape[1:])
+        loaded, batches, shape = load_with_data(model, opts, loader, shape, quiet)
         configs = sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)
         log(f"{len(configs)} settings" + (f", each calibrated on {calib_opts['calib_samples']} "
                                           f"images from {calib_opts['calib_dir']}"

@@ -190,6 +190,55 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path,
     return path
 
 
+def plot_compare(rows: Sequence[dict[str, Any]], folder: str | Path,
+                 baseline: dict[str, Any] | None = None, title: str = "") -> list[Path]:
+    """The Pareto figures of ``decompose compare``: ``compare_macs.png`` (top-1 vs MACs ratio)
+    and ``compare_latency.png`` (top-1 vs measured latency), one colour per method, data-free
+    points hollow and dashed, calibrated points filled; the original as a star.
+
+    ``rows``: the comparison's rows (``method``, ``macs_ratio``, ``after_ms``, ``top1``,
+    ``top1_datafree``, ``calibrated``)."""
+    plt = require_matplotlib()
+    out = _out_dir(folder)
+    baseline = baseline or {}
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("layers_decomposed") and r.get("top1") is not None:
+            methods.setdefault(str(r.get("method")), []).append(r)
+    paths = []
+    for name, xkey, xlabel in (("compare_macs.png", "macs_ratio",
+                                "MACs ratio (factorized / original, whole model)"),
+                               ("compare_latency.png", "after_ms",
+                                "measured latency (ms, whole model)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
+        for i, (method, rs) in enumerate(methods.items()):
+            rs = sorted((r for r in rs if r.get(xkey) is not None), key=lambda r: r[xkey])
+            if not rs:
+                continue
+            color = f"C{i % 10}"
+            xs = [r[xkey] for r in rs]
+            ax.plot(xs, [100 * r["top1"] for r in rs], "-o", color=color, ms=5,
+                    label=f"{method}" + (" calibrated" if rs[0].get("calibrated") else ""))
+            free = [(x, 100 * r["top1_datafree"]) for x, r in zip(xs, rs)
+                    if r.get("top1_datafree") is not None]
+            if free:
+                ax.plot(*zip(*free), "--o", color=color, ms=5, mfc="none", lw=1,
+                        label=f"{method} data-free")
+        x0 = 1.0 if xkey == "macs_ratio" else baseline.get("before_ms")
+        if baseline.get("top1") is not None and x0 is not None:
+            ax.plot([x0], [100 * baseline["top1"]], "*", color="black", ms=11, label="original")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        ax.set_title(title or "accuracy against cost: up and to the left is better", fontsize=9)
+        path = out / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def _tag(row: dict[str, Any]) -> str:
     """'T=2' from a row's 'T=2 auto' setting."""
     return str(row.get("setting", "")).split(" ")[0]
@@ -207,5 +256,6 @@ def _out_dir(d: str | Path) -> Path:
     return p
 
 
-__all__ = ["layer_curves", "plot_kernel_error", "plot_report", "plot_spectra", "plot_sweep",
+__all__ = ["layer_curves", "plot_compare", "plot_kernel_error", "plot_report", "plot_spectra",
+           "plot_sweep",
            "require_matplotlib"]
