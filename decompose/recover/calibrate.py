@@ -414,6 +414,8 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any],
         for layer in bar:
             t1 = time.perf_counter()
             joint, note = _wants_joint(layer, joint_fit)
+            if not joint and not is_conv(list(layer.seq)[-1]):
+                joint, note = True, "its last part is not a conv: fitted jointly"
             m: lstsq.Moments | None = None
             n_images = 0
             for i, state in states:

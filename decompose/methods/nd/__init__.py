@@ -155,3 +155,6 @@ class NetworkDecoupling(Method):
 
 
 __all__ = ["NetworkDecoupling", "costs", "decouple_conv", "is_decoupled", "structural_skip"]
+
+
+from . import mixed  # noqa: E402,F401  registers "nd-mixed" (it builds on this method)  isort: skip

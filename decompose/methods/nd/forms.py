@@ -326,11 +326,15 @@ def compose(m: LowRankConv) -> tuple[torch.Tensor, torch.Tensor | None]:
     the plain form (the dw1 form is composed through its plain equivalent)."""
     if m.form != "plain":
         m = to_plain(m)
-    dw, pw = m.conv_dw, m.conv_pw
-    t = int(m.rank)
+    return compose_pair(m.conv_dw, m.conv_pw, m.variant, int(m.rank))
+
+
+def compose_pair(dw: nn.Module, pw: nn.Module, order: str, t: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W_T, bias)`` of one depthwise conv and one 1x1 conv of ``t`` terms in ``order``."""
     k = tuple(dw.weight.shape[2:])
     taps = dw.weight[0, 0].numel()
-    if m.variant == "dw-pw":  # dw: C_in -> C_in*T (groups C_in); pw: -> C_out (g)
+    if order == "dw-pw":  # dw: C_in -> C_in*T (groups C_in); pw: -> C_out (g)
         g, c_in, c_out = pw.groups, dw.in_channels, pw.out_channels
         cg = c_in // g
         d = dw.weight.reshape(g, cg, t, taps)
