@@ -27,12 +27,14 @@ from torch import nn
 
 from . import methods as registry
 from .config import CalibrationConfig, DecomposeConfig
+from .engine.check import check, reference
 from .engine.fold import fold_batchnorm_
 from .engine.layout import is_channels_last, to_channels_last_
 from .engine.surgery import replace_module
 from .engine.trace import infer_input_shape, macs_from_trace, param_count, trace
 from .errors import DecomposeError
 from .io.files import check_writable, default_output, load_model, save_model
+from .methods.convs import is_conv
 from .methods.module import is_lowrank
 from .planning.plan import FilterFn, make_plan
 from .planning.timing import LayerTimer
@@ -196,6 +198,10 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
     elif error_curves is not None:
         curves = error_curves
     params_given = param_count(model)
+    shape, _ = infer_input_shape(model, config.input_shape, meta)
+    exact = config.rank == "full"
+    ref = reference(model, shape, capture=tuple(n for n, m in model.named_modules()
+                                                 if is_conv(m)) if exact else ())
     if config.channels_last:
         to_channels_last_(model)  # before planning: the planner times in the model's layout
     folded = fold_batchnorm_(model) if config.fold_bn else None
@@ -210,12 +216,13 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
     apply_plan(model, report.layers, forms=calibration is None)
     if config.channels_last:
         to_channels_last_(model)
-    if calibration is None or not report.decomposed:
-        return report
-    from .recover.calibrate import calibrate_
-    result = calibrate_(model, original, calibration, cal, progress=progress)
-    report.calibration = result.to_dict()
-    finalize_forms_(model, report)  # the forms the plan chose (exact)
+    if calibration is not None and report.decomposed:
+        from .recover.calibrate import calibrate_
+        result = calibrate_(model, original, calibration, cal, progress=progress)
+        report.calibration = result.to_dict()
+        finalize_forms_(model, report)  # the forms the plan chose (exact)
+    if report.decomposed or folded:
+        report.output_check = check(model, ref, exact=exact)
     return report
 
 

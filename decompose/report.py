@@ -117,6 +117,7 @@ class Report:
     allocation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     already_decomposed: list[Any] | None = None
+    output_check: dict[str, Any] | None = None
 
     @property
     def decomposed(self) -> list[LayerPlan]:
@@ -132,7 +133,7 @@ class Report:
             "output": self.output,
         }
         for key in ("accuracy", "output_error", "latency", "folded_bn", "latency_plan",
-                    "allocation", "calibration", "already_decomposed"):
+                    "allocation", "calibration", "already_decomposed", "output_check"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -258,6 +259,11 @@ def render_table(r: Report) -> str:
             lines.append(f"        the decomposed model computes channels_last; against the original "
                          f"laid out channels_last too ({lat['before_same_layout_ms']:.2f} ms) it is "
                          f"{_speed(lat['speedup_same_layout'])}: that part is decoupling's")
+    if r.output_check:
+        c = r.output_check
+        lines.append(f"checked the model runs: outputs {c['outputs']} on a random batch of "
+                     f"{c['batch']}, relative difference from the original "
+                     f"{c['rel_error']:.2e}")
     if r.allocation:
         lines.append(f"ranks   the budget minimised relative output errors measured on "
                      f"{r.allocation['images']} calibration images (--allocate output)")
