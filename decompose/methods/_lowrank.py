@@ -45,13 +45,15 @@ def factor_geometry(conv: nn.Module, axes: tuple[int, ...], kernel: tuple[int, .
 def pareto_indices(cost: torch.Tensor, err: torch.Tensor) -> list[int]:
     """Indices of the options no other beats on both cost and error, by increasing cost (of
     equal costs the lowest error; of equal errors the cheapest)."""
-    order = sorted(range(len(cost)), key=lambda j: (int(cost[j]), float(err[j])))
-    out, best = [], float("inf")
-    for j in order:
-        if float(err[j]) < best:
-            out.append(j)
-            best = float(err[j])
-    return out
+    cost = torch.as_tensor(cost)
+    err = torch.as_tensor(err, dtype=torch.float64)
+    if not len(cost):
+        return []
+    by_err = torch.argsort(err, stable=True)
+    order = by_err[torch.argsort(cost[by_err], stable=True)]
+    e = err[order]
+    before = torch.cat([e.new_full((1,), float("inf")), torch.cummin(e, 0).values[:-1]])
+    return order[e < before].tolist()
 
 
 def thin(front: list[int], cost: torch.Tensor, err: torch.Tensor, size: int,
@@ -61,11 +63,11 @@ def thin(front: list[int], cost: torch.Tensor, err: torch.Tensor, size: int,
     size`` above, or whose error is at least ``1 / size`` below, the last one kept."""
     if len(front) <= size:
         return list(front)
-    keep = [front[0]]
-    for j in front[1:-1]:
-        last = keep[-1]
-        if (float(cost[j]) - float(cost[last]) >= full_cost / size
-                or float(err[last]) - float(err[j]) >= 1.0 / size):
+    c = torch.as_tensor(cost)[front].tolist()
+    e = torch.as_tensor(err)[front].tolist()
+    keep = [0]
+    for j in range(1, len(front) - 1):
+        if c[j] - c[keep[-1]] >= full_cost / size or e[keep[-1]] - e[j] >= 1.0 / size:
             keep.append(j)
-    keep.append(front[-1])
-    return keep
+    keep.append(len(front) - 1)
+    return [front[j] for j in keep]
