@@ -468,3 +468,17 @@ def test_compose_is_differentiable(name):
     w, b = layer.compose()
     (w.pow(2).sum() + b.sum()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_a_decomposed_layer_is_not_decomposed_again():
+    """The factor convs of these methods are regular convs; planning a model that already
+    holds them leaves them alone, with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    decompose.decompose_(model, method="tucker2", rank=4, input_shape=(3, 8, 8), exclude=("0",))
+    rep = decompose.plan(model, method="auto", target_macs=0.6, input_shape=(3, 8, 8))
+    parts = {lp.name: lp.skipped for lp in rep.layers if lp.name.startswith("2.")}
+    assert set(parts) == {"2.conv_in", "2.conv_core", "2.conv_out"}
+    assert all("already decomposed by tucker2" in why for why in parts.values())
+    assert [lp.name for lp in rep.decomposed] == ["0"]
