@@ -23,10 +23,13 @@ standard convs with ``groups = g`` and ``R`` intermediate channels per group:
     kernels (nothing to split; channel-svd gives the same low-rank 1x1). Depthwise convs are
     factored (a ``k x k`` filter into ``k x 1`` and ``1 x k``: separable filters).
 
-Both offer, for budgets, every rank that is cheaper than the original in multiply-adds or in
-parameters, then the full rank (so ``rank="full"`` and ``energy=1`` reach it); errors and kept
-energies come from the singular values (Eckart-Young). Calibration uses the generic joint refit
-(L-BFGS on the composed kernel).
+Ranks: ``rank=T`` keeps ``R = min(T, full)``; budgets are offered every rank that is cheaper
+than the original in multiply-adds or in parameters, then the full rank (so ``rank="full"``
+and ``energy=1`` reach it). Errors and kept energies (the fraction of squared singular values,
+summed over groups) come from the singular values (Eckart-Young); ``energy=E`` takes the
+smallest offered rank keeping E, and a layer where only ranks costing at least the original
+keep it stays original. Calibration uses the generic joint refit (L-BFGS on the composed
+kernel).
 """
 
 from __future__ import annotations
