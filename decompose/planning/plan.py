@@ -31,6 +31,7 @@ from ..engine.trace import Call, trace
 from ..errors import BudgetError, DecomposeError
 from ..methods.base import Candidate, Method
 from ..methods.convs import conv_macs, has_own_forward, is_conv
+from ..methods.module import is_lowrank
 from ..report import LayerPlan
 from .budget import Option, optimise, pareto
 from .timing import LayerTimer, choose_forms, latency_budget
@@ -68,6 +69,19 @@ def layer_skip(conv: nn.Module) -> str | None:
     if has_own_forward(conv):
         return f"custom forward ({type(conv).__name__} overrides forward)"
     return None
+
+
+def decomposed_parts(model: nn.Module) -> dict[str, str]:
+    """The convs inside layers a method already built (a file written by decompose), by name,
+    with why they are left alone: factoring a factor again is not what a user asks for."""
+    out: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if is_lowrank(mod):
+            for sub, conv in mod.named_modules():
+                if sub and is_conv(conv):
+                    out[f"{name}.{sub}" if name else sub] = (
+                        f"part of {name or 'the model'}, already decomposed by {mod.method}")
+    return out
 
 
 def variants_for(method: Method, config: DecomposeConfig) -> tuple[str, ...]:
@@ -193,6 +207,7 @@ def make_plan(model: nn.Module, config: DecomposeConfig, input_shape: tuple[int,
     methods = [registry.get(n) for n in config.methods]
     plans: list[LayerPlan] = []
     budgeted: list[tuple[LayerPlan, list[Candidate]]] = []
+    parts = decomposed_parts(model)
     for name, m in model.named_modules():
         if not is_conv(m):
             continue
@@ -210,7 +225,8 @@ def make_plan(model: nn.Module, config: DecomposeConfig, input_shape: tuple[int,
             raise DecomposeError(f"layer {name} has NaN or Inf weights; fix or retrain the model "
                                  "before decomposing it")
         usable, why = method_skip(m, methods)
-        reason = lp.skipped or layer_skip(m) or why or selected(name, m, config, filter_fn)
+        reason = (lp.skipped or parts.get(name) or layer_skip(m) or why
+                  or selected(name, m, config, filter_fn))
         if reason:
             lp.skipped = reason
             continue

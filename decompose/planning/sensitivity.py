@@ -33,7 +33,7 @@ from ..engine.trace import Call
 from ..errors import DecomposeError
 from ..methods.base import Candidate
 from ..methods.convs import is_conv
-from .plan import _key, layer_candidates, layer_skip, method_skip, selected
+from .plan import _key, decomposed_parts, layer_candidates, layer_skip, method_skip, selected
 
 #: name -> candidate label -> rank key -> relative output error
 ErrorCurves = dict[str, dict[str, dict[str, float]]]
@@ -118,8 +118,9 @@ def output_error_curves(model: nn.Module, batches: Iterable[Any], *,
     methods = [registry.get(n) for n in config.methods]
     accs: dict[str, _Accumulator] = {}
     hooks = []
+    parts = decomposed_parts(model)
     for name, m in model.named_modules():
-        if not is_conv(m) or layer_skip(m) is not None:
+        if not is_conv(m) or name in parts or layer_skip(m) is not None:
             continue
         usable, why = method_skip(m, methods)
         if why is not None or selected(name, m, config, None) is not None:
