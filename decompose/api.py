@@ -111,12 +111,9 @@ def apply_plan(model: nn.Module, layers: list[LayerPlan], *, forms: bool = True)
             raise DecomposeError(f"layer {lp.name} has no candidate to build from; make the plan "
                                  "with decompose.plan on this model")
         cand, i = lp.choice
-        method = registry.get(cand.method)
         conv = model.get_submodule(lp.name)
-        built = method.build(conv, cand, i)
-        if forms and lp.form not in (None, built.form):
-            built = method.to_form(built, lp.form)
-        replace_module(model, lp.name, built)
+        form = lp.form if forms and lp.form else "plain"
+        replace_module(model, lp.name, registry.build(conv, cand, i, form))
     return model
 
 
@@ -132,7 +129,7 @@ def finalize_forms_(model: nn.Module, report: Report | list[LayerPlan]) -> int:
         m = model.get_submodule(lp.name)
         want = lp.form or "plain"
         if is_lowrank(m) and m.form != want:
-            replace_module(model, lp.name, registry.get(m.method).to_form(m, want))
+            replace_module(model, lp.name, registry.to_form(m, want))
             changed += 1
     if isinstance(report, Report) and report.config.get("channels_last"):
         to_channels_last_(model)  # new modules (and refitted weights) in the model's layout
@@ -146,7 +143,7 @@ def plain_forms_(model: nn.Module) -> int:
     names = [n for n, m in model.named_modules() if is_lowrank(m) and m.form != "plain"]
     for n in names:
         m = model.get_submodule(n)
-        replace_module(model, n, registry.get(m.method).to_form(m, "plain"))
+        replace_module(model, n, registry.to_form(m, "plain"))
     return len(names)
 
 

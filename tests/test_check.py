@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import decompose
+import decompose.methods
 from decompose.cli import cli
 
 
@@ -47,8 +48,7 @@ class PadsItself(nn.Conv2d):
         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
 
 
-@pytest.mark.parametrize("method", decompose.methods.names() if hasattr(decompose, "methods")
-                         else ["nd"])
+@pytest.mark.parametrize("method", decompose.methods.names())
 def test_parents_that_read_the_conv_keep_working(method):
     model = ReadsItsConv().eval()
     x = torch.randn(2, 8, 12, 12)
@@ -84,3 +84,61 @@ def test_conv_subclasses_with_their_own_forward_are_skipped_with_the_reason():
     skipped = {lp.name: lp.skipped for lp in rep.layers}
     assert skipped["0"].startswith("custom forward") and skipped["2"] is None
     torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+class Conv2dStaticSamePadding(nn.Conv2d):
+    """EfficientNet's static 'same' conv: a pad module, then the conv with no padding."""
+
+    def __init__(self, cin, cout, k, stride, image_size):
+        super().__init__(cin, cout, k, stride, padding=0)
+        p = max((-(-image_size // stride) - 1) * stride + k - image_size, 0)
+        self.static_padding = nn.ZeroPad2d((p // 2, p - p // 2, p // 2, p - p // 2))
+
+    def forward(self, x):
+        return super().forward(self.static_padding(x))
+
+
+class Conv2dDynamicSamePadding(nn.Conv2d):
+    """EfficientNet's dynamic 'same' conv: the padding is computed from the input size."""
+
+    def __init__(self, cin, cout, k, stride):
+        super().__init__(cin, cout, k, stride, padding=0)
+
+    def forward(self, x):
+        import math
+        ih, iw = x.shape[-2:]
+        k, s = self.kernel_size[0], self.stride[0]
+        ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
+        pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride)
+
+
+@pytest.mark.parametrize("cls", [Conv2dStaticSamePadding, Conv2dDynamicSamePadding])
+@pytest.mark.parametrize("method", decompose.methods.names())
+def test_same_padding_conv_subclasses_are_factored_exactly(cls, method, tmp_path):
+    torch.manual_seed(0)
+    args = (6, 8, 3, 2, 13) if cls is Conv2dStaticSamePadding else (6, 8, 3, 2)
+    model = nn.Sequential(cls(*args), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 6, 13, 13)
+    want = model(x)
+    exact = copy.deepcopy(model)
+    rep = decompose.decompose_(exact, method=method, rank="full", input_shape=(6, 13, 13))
+    if not rep.decomposed:
+        assert rep.layers[0].skipped and "custom forward" not in rep.layers[0].skipped
+        return
+    assert exact[0].prefix is not None and exact[0].padding == (0, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), want, atol=1e-4, rtol=1e-4)
+    folded = copy.deepcopy(model)
+    rep = decompose.decompose_(folded, method=method, rank="full", fold_bn=True,
+                               input_shape=(6, 13, 13))
+    assert rep.folded_bn == [["0", "1"]]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), want, atol=1e-4, rtol=1e-4)
+    decompose.save(folded, tmp_path / "m.pt", rep)
+    with torch.no_grad():
+        torch.testing.assert_close(decompose.load(tmp_path / "m.pt")(x), folded(x))

@@ -25,17 +25,18 @@ import torch
 from torch import fx, nn
 
 from ..errors import DecomposeError
-from ..methods import helper_modules
+from ..methods import conv_prefix, helper_modules
 from .surgery import replace_module
 
-_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 _BN = nn.modules.batchnorm._BatchNorm
 
 
 def _plain_conv(m: nn.Module) -> bool:
-    """A Conv1d/2d/3d (subclasses too) whose forward is torch's own, so W and b are all it uses."""
+    """A Conv1d/2d/3d (subclasses too) whose forward is torch's own, or a known 'same'-padding
+    subclass (:func:`decompose.methods.conv_prefix`): W and b enter its output only through the
+    convolution, so a BN after it folds into them."""
     return (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-            and type(m).forward in _CONV_FORWARDS
+            and conv_prefix(m)[0]
             and not isinstance(m.weight, nn.parameter.UninitializedParameter))
 
 

@@ -12,9 +12,11 @@ through the registry; none of them names a method.
 
 from __future__ import annotations
 
+from torch import nn
+
 from .base import Candidate, Method, Rank
-from .convs import is_conv
-from .module import LowRankConv, is_lowrank
+from .convs import SamePad, conv_prefix, is_conv
+from .module import LowRankConv, is_lowrank, with_prefix
 from .registry import AUTO, get, names, register, resolve
 
 # built-in methods: registered on import, as any other
@@ -25,8 +27,8 @@ from . import svd  # noqa: E402,F401  isort: skip
 
 def helper_modules() -> tuple[type, ...]:
     """The non-``torch.nn`` classes registered methods put inside their layers (e.g. the
-    channel moves of Network Decoupling's dw1 form)."""
-    out: list[type] = []
+    channel moves of Network Decoupling's dw1 form), and the padding prefix of 'same' convs."""
+    out: list[type] = [SamePad]
     for n in names():
         out += [c for c in get(n).custom_modules if c not in out]
     return tuple(out)
@@ -37,5 +39,26 @@ def custom_modules() -> tuple[type, ...]:
     return (LowRankConv, *helper_modules())
 
 
-__all__ = ["AUTO", "Candidate", "LowRankConv", "Method", "Rank", "custom_modules", "get", "helper_modules",
-           "is_conv", "is_lowrank", "names", "register", "resolve"]
+def build(conv: nn.Module, cand: Candidate, i: int, form: str = "plain") -> LowRankConv:
+    """The layer of option ``i`` of ``cand`` for ``conv``, in ``form``: the method's build, with
+    the padding a known conv subclass applies first (:func:`conv_prefix`) as its first part."""
+    method = get(cand.method)
+    layer = method.build(conv, cand, i)
+    if form != layer.form:
+        layer = method.to_form(layer, form)
+    _, prefix = conv_prefix(conv)
+    return layer if prefix is None else with_prefix(layer, prefix)
+
+
+def to_form(layer: LowRankConv, form: str) -> LowRankConv:
+    """``layer`` in ``form`` (exact), by its method; a padding prefix is kept in front."""
+    if layer.form == form:
+        return layer
+    prefix = layer.prefix
+    inner = layer if prefix is None else with_prefix(layer, None)
+    out = get(layer.method).to_form(inner, form)
+    return out if prefix is None else with_prefix(out, prefix)
+
+
+__all__ = ["AUTO", "Candidate", "LowRankConv", "Method", "Rank", "build", "conv_prefix", "custom_modules", "get", "helper_modules",
+           "is_conv", "is_lowrank", "names", "register", "resolve", "to_form", "with_prefix"]

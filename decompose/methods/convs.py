@@ -27,8 +27,62 @@ def is_conv(m: nn.Module) -> bool:
 
 def has_own_forward(m: nn.Module) -> bool:
     """A conv subclass whose class overrides ``forward``: its weight and geometry are not all it
-    computes with, so replacing it by factors of its weight would change what it does."""
+    computes with, so replacing it by factors of its weight would change what it does (unless
+    :func:`conv_prefix` knows what it adds)."""
     return is_conv(m) and type(m).forward not in _CONV_FORWARDS
+
+
+class SamePad(nn.Module):
+    """TensorFlow's 'SAME' padding, computed from the input size on every call: zeros so that
+    the conv after it (stride ``s``, kernel ``k``, dilation ``d``, no padding of its own) outputs
+    ``ceil(size / s)`` positions per axis, the odd pixel at the end. What EfficientNet's
+    ``Conv2dDynamicSamePadding`` and timm's ``Conv2dSame`` do before their convolution."""
+
+    def __init__(self, kernel_size, stride, dilation) -> None:
+        super().__init__()
+        n = len(kernel_size)
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.stride = tuple(int(v) for v in as_tuple(stride, n))
+        self.dilation = tuple(int(v) for v in as_tuple(dilation, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for i in reversed(range(len(self.kernel_size))):  # F.pad takes the last axis first
+            size, k, s, d = x.shape[2 + i], self.kernel_size[i], self.stride[i], self.dilation[i]
+            out = -(-size // s)
+            p = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [p // 2, p - p // 2]
+        return nn.functional.pad(x, pads) if any(pads) else x
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
+
+
+_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                nn.ConstantPad3d, nn.Identity)
+
+
+def conv_prefix(conv: nn.Module) -> tuple[bool, nn.Module | None]:
+    """``(understood, prefix)``: whether decompose knows what ``conv`` computes, and the module
+    it applies to its input before a plain convolution with its own weight and geometry.
+
+    A conv with torch's own forward: ``(True, None)``. Static 'same' padding (EfficientNet's
+    ``Conv2dStaticSamePadding``: a ``static_padding`` pad module, then the conv):
+    ``(True, that module)``. Dynamic 'same' padding (EfficientNet's
+    ``Conv2dDynamicSamePadding``, timm's ``Conv2dSame``): ``(True, SamePad(...))``. Any other
+    subclass with its own forward: ``(False, None)``, and it is left alone."""
+    if not has_own_forward(conv):
+        return True, None
+    name = type(conv).__name__
+    pad = getattr(conv, "static_padding", None)
+    zero = all(int(p) == 0 for p in as_tuple(conv.padding, conv_dim(conv))) \
+        if not isinstance(conv.padding, str) else False
+    if name.endswith("StaticSamePadding") and isinstance(pad, _PAD_MODULES) and zero:
+        import copy
+        return True, copy.deepcopy(pad)
+    if name in ("Conv2dDynamicSamePadding", "Conv2dSame") and zero:
+        return True, SamePad(conv.kernel_size, conv.stride, conv.dilation)
+    return False, None
 
 
 def conv_dim(conv: nn.Module) -> int:

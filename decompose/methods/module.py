@@ -85,9 +85,26 @@ class LowRankConv(nn.Sequential):
         state.pop("_composed", None)  # a cache: never pickled
         return state
 
+    @property
+    def prefix(self) -> nn.Module | None:
+        """The padding module applied before the factors (a 'same'-padding conv subclass's), or
+        None."""
+        return self._modules.get("pad")
+
     def extra_repr(self) -> str:
         v = f", variant={self.variant}" if self.variant else ""
         return f"method={self.method}{v}, rank={self.rank}, form={self.form}"
+
+
+def with_prefix(layer: LowRankConv, prefix: nn.Module | None) -> LowRankConv:
+    """``layer`` with ``prefix`` (a padding module) as its first part, named ``pad``, or without
+    any when ``prefix`` is None: a new LowRankConv sharing the parts."""
+    parts = OrderedDict() if prefix is None else OrderedDict(pad=prefix)
+    parts.update((k, v) for k, v in layer._modules.items() if k != "pad")
+    out = LowRankConv(parts, like=layer, method=layer.method, variant=layer.variant,
+                      rank=layer.rank, form=layer.form)
+    out.train(layer.training)
+    return out
 
 
 def is_lowrank(m: nn.Module) -> bool:

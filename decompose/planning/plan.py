@@ -30,7 +30,7 @@ from ..config import BUDGETS, DecomposeConfig
 from ..engine.trace import Call, trace
 from ..errors import BudgetError, DecomposeError
 from ..methods.base import Candidate, Method
-from ..methods.convs import conv_macs, has_own_forward, is_conv
+from ..methods.convs import conv_macs, conv_prefix, has_own_forward, is_conv
 from ..methods.module import is_lowrank
 from ..report import LayerPlan
 from .budget import Option, optimise, pareto
@@ -66,7 +66,7 @@ def method_skip(conv: nn.Module, methods: list[Method]) -> tuple[list[Method], s
 def layer_skip(conv: nn.Module) -> str | None:
     """Why no method may replace this conv whatever it is: a subclass computing more than its
     weight does."""
-    if has_own_forward(conv):
+    if has_own_forward(conv) and not conv_prefix(conv)[0]:
         return f"custom forward ({type(conv).__name__} overrides forward)"
     return None
 

@@ -32,7 +32,7 @@ from ..config import DecomposeConfig
 from ..engine.trace import Call
 from ..errors import DecomposeError
 from ..methods.base import Candidate
-from ..methods.convs import is_conv
+from ..methods.convs import conv_prefix, is_conv
 from .plan import _key, decomposed_parts, layer_candidates, layer_skip, method_skip, selected
 
 #: name -> candidate label -> rank key -> relative output error
@@ -67,6 +67,9 @@ class _Accumulator:
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         x = inputs[0].detach()
+        _, prefix = conv_prefix(self.conv)
+        if prefix is not None:  # a 'same'-padding conv pads before its conv
+            x = prefix(x)
         with torch.no_grad():
             y = self.conv._conv_forward(x, self.conv.weight, None)
             if self.res is None:

@@ -163,7 +163,7 @@ def _not_faster(best: str, after: float, before: float, config: DecomposeConfig)
 
 def _set_form(lp: Any, module: LowRankConv, method: Method, form: str) -> None:
     """Record the form a planned layer is built in, and that form's parameter count."""
-    built = module if form == module.form else method.to_form(module, form)
+    built = registry.to_form(module, form)
     lp.form = built.form
     lp.params_after = sum(p.numel() for p in built.parameters())
 
@@ -179,7 +179,7 @@ def choose_forms(model: nn.Module, plans: list, config: DecomposeConfig,
         conv = model.get_submodule(lp.name)
         cand, i = lp.choice
         method = registry.get(cand.method)
-        seq = method.build(conv, cand, i)
+        seq = registry.build(conv, cand, i)
         forms = forms_for(config.form, method, seq)
         if not forms:
             lp.keep(f"kept original: decomposing is not faster (form auto: "
@@ -188,7 +188,7 @@ def choose_forms(model: nn.Module, plans: list, config: DecomposeConfig,
         form = forms[0]
         if config.timed:
             mods = {"original": conv, **{option_label(cand, lp.rank, f):
-                                         method.to_form(seq, f) for f in forms}}
+                                         registry.to_form(seq, f) for f in forms}}
             ms = timing.time(lp.name, conv, mods)
             form = min(forms, key=lambda f: ms[option_label(cand, lp.rank, f)])
             before, after = ms["original"], ms[option_label(cand, lp.rank, form)]
@@ -222,10 +222,10 @@ def latency_budget(model: nn.Module, budgeted: list, config: DecomposeConfig,
             for i in range(len(c)):
                 if c.macs[i] >= lp.macs_before:
                     continue
-                seq = method.build(conv, c, i)
+                seq = registry.build(conv, c, i)
                 for form in forms_for(config.form, method, seq):
                     label = option_label(c, c.ranks[i], form)
-                    modules[label] = method.to_form(seq, form)
+                    modules[label] = registry.to_form(seq, form)
                     what[label] = (c, i, form, seq, method)
         ms = timing.time(lp.name, conv, modules)
         before = ms["original"]

@@ -226,6 +226,8 @@ def _rows(layer: _Layer, x: torch.Tensor, y: torch.Tensor, joint: bool,
     the first conv's output under the last conv (last-conv fit), and the target pixels; only the
     pixels in ``rows`` when given."""
     if joint:
+        if layer.seq.prefix is not None:  # a 'same'-padding conv pads before its conv
+            x = layer.seq.prefix(x)
         u = lstsq.patches(x, layer.conv, rows)
         groups = layer.conv.groups
     else:

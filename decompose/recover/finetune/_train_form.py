@@ -48,6 +48,8 @@ class _DenseForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         seq = self.seq
+        if seq.prefix is not None:  # a 'same'-padding conv pads before its conv
+            x = seq.prefix(x)
         w, b = composed_kernel(seq)
         conv = _CONV[w.dim() - 2]
         if seq.padding_mode != "zeros":
