@@ -12,6 +12,7 @@ import click
 from .. import api
 from ..engine.trace import infer_input_shape
 from ..io.files import check_writable, default_output, load_model, save_model
+from ..io.write import protect_inputs
 from ..pipeline import compress_
 from ..progress import quiet_progress
 from ._common import (
@@ -38,7 +39,8 @@ from ._measure import (
 def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False, output=None,
                    force=False, quiet=False, write=True, data_shape=None,
                    before_save: Callable | None = None, calibration=None,
-                   calib_samples: int = 512, refit_depthwise: bool = True):
+                   calib_samples: int = 512, refit_depthwise: bool = True,
+                   allow_functions=()):
     """Load, plan, (decouple, calibrate, measure, save). Returns (report, loaded, output path or
     None).
 
@@ -51,8 +53,9 @@ def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False,
     """
     out = Path(output) if output else default_output(model_path)
     if write:
-        check_writable(out, force)  # fail before any work
-    loaded = load_model(model_path, arch=arch, allow=allow, trust=trust)
+        check_writable(out, force, inputs=[model_path])  # fail before any work
+    loaded = load_model(model_path, arch=arch, allow=allow, trust=trust,
+                        allow_functions=allow_functions)
     log(f"loaded {model_path} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
     model = loaded.model
     if data_shape is not None and config.input_shape is None:
@@ -107,7 +110,8 @@ def _nothing_to_do(report, model_path: str) -> None:
                    "per layer (needs matplotlib).")
 @click.option("-o", "--output", type=click.Path(), help="Where to write the decomposed model. "
               "Default: MODEL.decomposed.pt next to MODEL.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (and --plot "
+              "figures); never an input, a folder, a device or a FIFO.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
 def run_cmd(model: str, **opts) -> None:
@@ -131,10 +135,12 @@ def run_cmd(model: str, **opts) -> None:
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
     data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
     quiet = opts["quiet"]
-    with quiet_progress(quiet):
+    calib_opts = pop_keys(opts, CALIB_KEYS)
+    with quiet_progress(quiet), protect_inputs(model, data_opts["data"], calib_opts["calib_dir"]):
         if opts["plot_dir"]:
-            from ..measure.plots import require_matplotlib
+            from ..measure.plots import REPORT_FIGURES, check_plot_targets, require_matplotlib
             require_matplotlib()  # fail before any work
+            check_plot_targets(opts["plot_dir"], REPORT_FIGURES, opts["force"])
         loader = make_loader_from(data_opts)
         batches = data_shape = None
         if loader is not None:
@@ -142,7 +148,6 @@ def run_cmd(model: str, **opts) -> None:
             batches = cache_batches(loader)
             data_shape = tuple(batches[0][0].shape[1:]) if batches else None
         kept = {}
-        calib_opts = pop_keys(opts, CALIB_KEYS)
         calib = calibration_batches_from(calib_opts, data_opts)
 
         def before_save(report, original, decomposed):
@@ -156,7 +161,7 @@ def run_cmd(model: str, **opts) -> None:
         needed = batches is not None or lat["latency"] or opts["plot_dir"]
         report, _, out = decompose_file(
             model, config, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
-            output=opts["output"], force=opts["force"], quiet=quiet, data_shape=data_shape,
+            allow_functions=opts["allow_functions"], output=opts["output"], force=opts["force"], quiet=quiet, data_shape=data_shape,
             before_save=before_save if needed else None, calibration=calib,
             calib_samples=calib_opts["calib_samples"],
             refit_depthwise=calib_opts["calib_method"] == "joint")
@@ -164,7 +169,8 @@ def run_cmd(model: str, **opts) -> None:
             _nothing_to_do(report, model)
         if opts["plot_dir"]:
             from ..measure.plots import plot_report
-            for path in plot_report(report, kept["original"], opts["plot_dir"]):
+            for path in plot_report(report, kept["original"], opts["plot_dir"],
+                                    force=opts["force"]):
                 log(f"wrote {path}", quiet)
     emit(report, opts["as_json"])
     log(f"wrote {out}", quiet)
@@ -187,9 +193,10 @@ def report_cmd(model: str, **opts) -> None:
     """
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
     report, loaded, _ = decompose_file(model, config, arch=opts["arch"], allow=opts["allow"],
-                                       trust=opts["trust"], write=False, quiet=True)
+                                       trust=opts["trust"], write=False, quiet=True,
+                                       allow_functions=opts["allow_functions"])
     if loaded.kind == "decomposed":
         report.extra["already_decomposed"] = loaded.meta.get("layers", [])
-        log(f"{model} was written by decompose: {len(loaded.meta.get('layers', []))} layers "
-            f"decoupled from {loaded.meta.get('source')}")
+        log(f"{model} was written by decompose: {len(loaded.meta.get('layers') or [])} layers "
+            f"decoupled from {loaded.meta.get('source')} (checksum {loaded.checksum})")
     emit(report, opts["as_json"])
