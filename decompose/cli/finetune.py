@@ -12,7 +12,7 @@ import click
 
 from ..data.spec import MAX_SIDE
 from ..errors import DecomposeError
-from ..io.write import protect_inputs
+from ..io.write import check_target, protect_inputs
 from ._common import emit, log, model_options
 
 
@@ -141,6 +141,8 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
     """
     from ..recover import finetune as ft
 
+    if o["output"]:
+        check_target(o["output"], force=True)  # the name itself (e.g. a trailing "/"): now
     out = Path(o["output"]) if o["output"] else Path(decomposed).with_name(
         f"{Path(decomposed).stem}.finetuned.pt")
     if o["control"] and not o["teacher"]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 
 import click
 
 from .. import api
 from ..engine.trace import infer_input_shape
 from ..io.files import check_writable, default_output, load_model, save_model
+from ..io.inputs import stat_input
 from ..io.write import protect_inputs
 from ..pipeline import compress_
 from ..progress import quiet_progress
@@ -51,7 +51,8 @@ def decompose_file(model_path: str, config, *, arch=None, allow=(), trust=False,
     (so a data problem leaves no file behind), with an untouched copy of the model as
     ``original``.
     """
-    out = Path(output) if output else default_output(model_path)
+    stat_input(model_path, "model file")  # the input first: a missing model is the news
+    out = output if output else default_output(model_path)  # a str keeps a trailing "/"
     if write:
         check_writable(out, force, inputs=[model_path])  # fail before any work
     loaded = load_model(model_path, arch=arch, allow=allow, trust=trust,

@@ -142,10 +142,10 @@ def _os_error(e: OSError, path: Any, doing: str = "write") -> DecomposeError:
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return DecomposeError(f"cannot {doing} {where}: no space left on the device holding "
                               f"{folder} (disk full or quota reached); free some space there or "
-                              f"write somewhere else (-o/--output)")
+                              "write somewhere else")
     if code == errno.EROFS:
         return DecomposeError(f"cannot {doing} {where}: {folder} is on a read-only file system; "
-                              "write somewhere else (-o/--output)")
+                              "write somewhere else")
     if code in (errno.EACCES, errno.EPERM):
         return DecomposeError(f"cannot {doing} {where}: permission denied; check the "
                               f"permissions of {folder} or write somewhere else")
