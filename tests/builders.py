@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from conftest import tiny_cnn
 from torch import nn
 
@@ -70,3 +72,10 @@ class NaNOut(Raising):
 def exits() -> nn.Module:
     import sys
     sys.exit(4)
+
+
+class Colour(enum.Enum):
+    """A non-module class a checkpoint may hold (restored by a call, pickle REDUCE)."""
+
+    RED = 1
+    BLUE = 2

@@ -484,3 +484,60 @@ def test_disk_full_while_checkpointing_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DecomposeError, match="no space left"):
         ckpt.write_checkpoint(tmp_path / "c.ckpt", {"model": {"w": torch.ones(3)}})
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- more cases
+class _NaNWhileTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = self.fc(self.conv(x).mean((2, 3)))
+        return y * float("nan") if self.training else y
+
+
+def test_a_nan_loss_stops_fine_tuning_in_one_line(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from decompose.recover.finetune import FinetuneConfig, finetune
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 5)
+    cfg = FinetuneConfig(epochs=1, batch_size=8, device="cpu", checkpoint=str(tmp_path / "c"),
+                         log=str(tmp_path / "l"))
+    with pytest.raises(DecomposeError, match="training loss became nan") as e:
+        finetune(_NaNWhileTraining(), data, data, config=cfg, progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "c").exists()  # no epoch finished: nothing claims to be one
+
+
+def test_an_npz_too_big_for_memory_is_refused_before_reading(npz, monkeypatch):
+    from decompose.data import arrays
+    monkeypatch.setattr(arrays, "_available_memory", lambda: 1000)
+    with pytest.raises(DecomposeError, match="more than half"):
+        decompose.data.open_dataset(npz)
+    monkeypatch.undo()
+    assert len(decompose.data.open_dataset(npz)) == 24
+
+
+def test_an_unexpected_exception_is_still_one_line(model_file, monkeypatch):
+    from decompose.cli import run as run_module
+
+    def broken(*a, **k):
+        raise TypeError("something nobody expected")
+
+    monkeypatch.setattr(run_module, "load_model", broken)
+    err = one_line_error(cli_run("report", model_file), 1)
+    assert "unexpected TypeError" in err and "DECOMPOSE_DEBUG" in err
+    monkeypatch.setenv("DECOMPOSE_DEBUG", "1")
+    res = cli_run("report", model_file)
+    assert isinstance(res.exception, TypeError)  # the traceback, for whoever debugs it
+
+
+def test_allowed_non_module_classes_are_still_restored(tmp_path):
+    from builders import Colour
+    f = tmp_path / "ck.pt"
+    torch.save({"state_dict": tiny_cnn().state_dict(), "colour": Colour.BLUE}, f)
+    one_line_error(cli_run("report", f, "--arch", "builders:tiny", "--allow", "hostile"))
+    res = cli_run("report", f, "--arch", "builders:tiny", "--allow", "builders:Colour")
+    assert res.exit_code == 0, res.stderr

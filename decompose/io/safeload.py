@@ -8,13 +8,14 @@
    parse, must not declare more content than ``4 x its size + 16 MiB`` (a zip bomb is refused
    unread), and every member's CRC-32 is verified, so a damaged file is an error instead of
    other weights. Anything else must start with the legacy ``torch.save`` magic number.
-3. **Only classes are rebuilt, never called.** The allowlist (every ``torch.nn`` layer,
-   decompose's own models, the classes passed with ``--allow``) is registered with the
-   unpickler through stand-ins: a stand-in creates an *uninitialised* instance when the file
-   restores an object (pickle's NEWOBJ, what ``torch.save`` writes), but raises when the file tries
+3. **Layers are restored, never called.** The allowlist (every ``torch.nn`` layer, decompose's
+   own models, the classes passed with ``--allow``) is registered with the unpickler; each
+   ``nn.Module`` class through a stand-in that creates an *uninitialised* instance when the file
+   restores an object (pickle's NEWOBJ, what ``torch.save`` writes) but raises when the file tries
    to *call* the class (pickle's REDUCE), so a 549-byte file cannot make ``nn.Linear(100000,
-   10000)`` allocate gigabytes. Functions are only callable from a file when the user names them
-   with ``--allow-function MODULE:NAME``.
+   10000)`` allocate gigabytes. (Other allowed classes, e.g. an ``Enum``, are registered as they
+   are: restoring them is a call.) Functions are only callable from a file when the user names
+   them with ``--allow-function MODULE:NAME``.
 4. **Memory is bounded.** On Linux the address space the load may add is capped (``RLIMIT_AS``)
    at ``256 MiB + 3 x the stored tensor bytes + 64 x the pickle bytes`` (legacy files:
    ``256 MiB + 64 x the file size``); ``DECOMPOSE_LOAD_LIMIT_MB`` raises the 256 MiB base. A
@@ -202,7 +203,7 @@ def safe_globals(classes: Iterable[type] = (), functions: Iterable[Any] = ()) ->
     tuples = _tuple_globals_supported()
     for c in dict.fromkeys(classes):
         name = f"{c.__module__}.{c.__qualname__}"
-        if tuples:
+        if tuples and issubclass(c, nn.Module):  # other classes (an Enum) may be restored by a call
             out.append((_stand_in(c), name))
             out.append((c, "\n" + name))  # a GLOBAL opcode's names never hold a newline
         else:
