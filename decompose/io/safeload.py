@@ -38,6 +38,7 @@ import pickle
 import re
 import resource
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -420,7 +421,8 @@ def read_torch_file(path: str | os.PathLike, *, classes: Iterable[type] = (),
         budget = load_budget(kind, tensor_bytes, pickle_bytes)
         try:
             with torch.serialization.safe_globals(safe_globals(classes, functions)), \
-                    memory_bound(budget):
+                    memory_bound(budget), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes about the file: errors say it
                 return torch.load(f, map_location="cpu", weights_only=True)
         except DecomposeError:
             raise

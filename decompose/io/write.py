@@ -9,10 +9,10 @@ the same way, and the rules are the same for all of them:
   old file or the new one, never a part.
 * **Nothing replaced without force.** An existing file is only replaced with ``force=True``
   (``--force``).
-* **Never the command's own inputs.** A target that is (or, for a folder input, lies inside) one
-  of the inputs registered with :func:`protect_inputs` or passed as ``inputs`` is refused, even
-  with ``force``: ``finetune S.pt --checkpoint S.pt --force`` cannot turn the model into a
-  checkpoint.
+* **Never the command's own inputs.** A target that is one of the inputs registered with
+  :func:`protect_inputs` or passed as ``inputs`` (or a hard link to one), or an existing image or
+  ``.npz`` inside an input folder, is refused, even with ``force``: ``finetune S.pt --checkpoint
+  S.pt --force`` cannot turn the model into a checkpoint.
 * **Regular files only.** A folder, a device node (``/dev/null``), a FIFO or a socket is refused
   even with ``force``; so is a name ending in ``/`` (``-o newdir/``).
 * **Symbolic links.** A link to a regular file counts as that file: it is only replaced with
@@ -69,8 +69,8 @@ _os_fsync = os.fsync
 # ------------------------------------------------------------------------------- inputs
 @contextlib.contextmanager
 def protect_inputs(*paths: str | os.PathLike | None) -> Iterator[None]:
-    """Inside the block no write may replace any of ``paths`` (files), nor a file inside any of
-    them (folders). Commands register their model, teacher, checkpoint and data paths here."""
+    """Inside the block no write may replace any of ``paths`` (files), nor an image or ``.npz``
+    inside any of them (folders). Commands register their model, teacher and data paths here."""
     keep = tuple(Path(os.fspath(p)) for p in paths if p)
     token = _protected.set(_protected.get() + keep)
     try:
@@ -92,8 +92,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+#: files inside an input folder that a command reads (images of a data folder, arrays)
+DATA_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".npz")
+
+
 def _clashes_with_input(final: Path, inputs: Iterable[Path]) -> Path | None:
-    """The input that writing ``final`` would overwrite, if any."""
+    """The input that writing ``final`` would overwrite, if any: an input file itself (or a
+    hard link to it), or an existing image or array inside an input folder."""
     target = _identity(final)
     real = os.path.realpath(final)
     for inp in inputs:
@@ -102,7 +107,8 @@ def _clashes_with_input(final: Path, inputs: Iterable[Path]) -> Path | None:
             continue
         if target is not None and ident == target:
             return inp
-        if os.path.isdir(inp) and target is not None:
+        if target is not None and os.path.isdir(inp) \
+                and final.name.lower().endswith(DATA_SUFFIXES):
             root = os.path.realpath(inp)
             if os.path.commonpath([root, real]) == root:
                 return inp
@@ -232,7 +238,8 @@ def check_target(path: str | os.PathLike, force: bool = False,
                                  f"name")
     clash = _clashes_with_input(final, [*map(Path, map(os.fspath, inputs)), *_protected.get()])
     if clash is not None:
-        raise DecomposeError(f"{what} {p} would overwrite {clash}, which this command reads; "
+        read = f"a file in {clash}" if os.path.isdir(clash) else str(clash)
+        raise DecomposeError(f"{what} {p} would overwrite {read}, which this command reads; "
                              "choose another name (refused even with --force)")
     parent = final.parent if str(final.parent) else Path(".")
     try:
