@@ -23,6 +23,7 @@ from decompose.recover.finetune import _checkpoint as ckpt
 EXAMPLES = 150
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+TRUNCATIONS = settings(FUZZ, max_examples=60)
 
 
 def _model() -> nn.Module:
@@ -131,7 +132,7 @@ def test_truncated_files_fail_in_one_line(kind, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"trunc-{kind}")
     original = ORIGINAL[kind]
 
-    @FUZZ
+    @TRUNCATIONS
     @given(st.integers(0, len(original) - 1))
     def truncate(n):
         assert _check(kind, original[:n], tmp) == "refused"

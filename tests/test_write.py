@@ -172,6 +172,9 @@ def test_names_too_long(tmp_path):
     longest = tmp_path / ("b" * 255)  # the temporary name is shortened, the file keeps its name
     write_bytes(longest, b"x")
     assert longest.read_bytes() == b"x" and temporaries(tmp_path) == []
+    wide = tmp_path / ("é" * 127)  # 254 bytes: shortened by bytes, not characters
+    write_bytes(wide, b"y")
+    assert wide.read_bytes() == b"y" and temporaries(tmp_path) == []
     deep = Path(*(["c" * 200] * 25))
     with pytest.raises(DecomposeError, match="longer than|bytes long"):
         write_bytes(tmp_path / deep, b"x")

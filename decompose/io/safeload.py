@@ -18,7 +18,8 @@
    them with ``--allow-function MODULE:NAME``.
 4. **Memory is bounded.** On Linux the address space the load may add is capped (``RLIMIT_AS``)
    at ``256 MiB + 3 x the stored tensor bytes + 64 x the pickle bytes`` (legacy files:
-   ``256 MiB + 64 x the file size``); ``DECOMPOSE_LOAD_LIMIT_MB`` raises the 256 MiB base. A
+   ``256 MiB + 64 x the file size``); ``DECOMPOSE_LOAD_LIMIT_MB`` raises the 256 MiB base (no cap
+   once CUDA is initialised in the process: it maps address space of its own). A
    file that needs more is refused, whatever it is made of (``bytearray(10**10)``,
    ``torch.Tensor(10**5, 10**5)``, a lying storage size). A file of a few MB thus never takes
    more than about 0.5 GB. ``trust=True`` (``--trust``) runs the full unpickler with none of
@@ -292,6 +293,13 @@ def load_budget(kind: str, tensor_bytes: int, pickle_bytes: int) -> int:
     return base + 3 * tensor_bytes + 64 * pickle_bytes
 
 
+def _cuda_initialized() -> bool:
+    try:
+        return bool(torch.cuda.is_initialized())
+    except Exception:  # noqa: BLE001 - no CUDA build: not initialised
+        return False
+
+
 class _OverBudget(Exception):
     pass
 
@@ -301,8 +309,8 @@ def memory_bound(extra: int) -> Iterator[None]:
     """Cap this process's address space at its current size + ``extra`` bytes (Linux only; a
     no-op elsewhere) for the duration of the block."""
     vm = _vm_size() if sys.platform.startswith("linux") else None
-    if vm is None:
-        yield
+    if vm is None or _cuda_initialized():
+        yield  # CUDA maps address space of its own at any time: no cap then
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     want = vm + extra

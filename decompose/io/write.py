@@ -54,7 +54,7 @@ from ..errors import DecomposeError
 TMP_SUFFIX = ".decompose-tmp"
 NAME_MAX = 255      # bytes per path component, when the file system does not say
 PATH_MAX = 4096     # bytes per path
-_TMP_BASE_MAX = 100  # the target's name is cut to this many characters inside a temporary name
+_TMP_BASE_MAX = 100  # the target's name is cut to this many bytes inside a temporary name
 _TMP_RE = re.compile(r"^\.(?P<base>.*)\.(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]+)-[0-9a-f]{8}"
                      + re.escape(TMP_SUFFIX) + r"$", re.DOTALL)
 
@@ -263,7 +263,7 @@ def _host_tag() -> str:
 
 
 def _temp_name(final: Path) -> str:
-    base = final.name[:_TMP_BASE_MAX]
+    base = os.fsdecode(os.fsencode(final.name)[:_TMP_BASE_MAX])  # bytes: names are limited so
     return f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
 
 
