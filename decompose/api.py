@@ -34,6 +34,7 @@ from .engine.surgery import replace_module
 from .engine.trace import infer_input_shape, macs_from_trace, param_count, trace
 from .errors import DecomposeError
 from .io.files import check_writable, default_output, load_model, save_model
+from .io.inputs import stat_input
 from .methods.convs import is_conv
 from .methods.module import is_lowrank
 from .planning.plan import FilterFn, make_plan
@@ -302,7 +303,8 @@ def decompose_file(model_path: str | os.PathLike, config: DecomposeConfig, *,
                    write: bool = True, data_shape: tuple[int, ...] | None = None,
                    before_save: Callable | None = None, calibration: Any = None,
                    calibration_config: CalibrationConfig | None = None,
-                   log: Callable[[str], None] | None = None, progress: bool = True):
+                   log: Callable[[str], None] | None = None, progress: bool = True,
+                   allow_functions: Iterable[str] = ()):
     """``decompose MODEL``: load, plan, (factor, calibrate, measure, save). Returns
     ``(report, loaded, output path or None)``; nothing is written when no layer was factorized.
 
@@ -313,10 +315,12 @@ def decompose_file(model_path: str | os.PathLike, config: DecomposeConfig, *,
     no file behind), with an untouched copy of the model as ``original``. ``write=False``: only
     :func:`plan`."""
     say = log or (lambda msg: None)
-    out = Path(output) if output else default_output(model_path)
+    stat_input(model_path, "model file")  # the input first: a missing model is the news
+    out = output if output else default_output(model_path)  # a str keeps a trailing "/"
     if write:
-        check_writable(out, force)  # fail before any work
-    loaded = load_model(model_path, arch=arch, allow=allow, trust=trust)
+        check_writable(out, force, inputs=[model_path])  # fail before any work
+    loaded = load_model(model_path, arch=arch, allow=allow, trust=trust,
+                        allow_functions=allow_functions)
     say(f"loaded {model_path} ({loaded.kind}, {type(loaded.model).__name__})")
     model = loaded.model
     if data_shape is not None and config.input_shape is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -37,8 +38,10 @@ from . import api
 from .api import decompose_, finalize_forms_, measure_curves, plain_forms_, reusable_batches
 from .config import BUDGETS, CalibrationConfig, DecomposeConfig
 from .errors import BudgetError, DecomposeError
+from .io.write import write_text
 from .measure.compare import (
     accuracy_dict,
+    check_finite,
     check_input_shape,
     eval_mode,
     evaluate_model,
@@ -121,19 +124,16 @@ class SweepResult:
         return {"baseline": self.baseline, "latency": self.latency,
                 "input_shape": list(self.input_shape), "rows": self.rows}
 
-    def to_csv(self, path: str | Path) -> Path:
-        """Write the rows as CSV (columns :data:`COLUMNS`, empty cells for missing numbers)."""
-        p = Path(path)
-        try:
-            with open(p, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-                w.writeheader()
-                for r in self.rows:
-                    w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-        except OSError as e:
-            raise DecomposeError(f"cannot write {p} ({e.strerror}); pass another --csv FILE"
-                                 ) from None
-        return p
+    def to_csv(self, path: str | Path, force: bool = False) -> Path:
+        """Write the rows as CSV (columns :data:`COLUMNS`, empty cells for missing numbers),
+        atomically; an existing file is only replaced with ``force``
+        (:func:`decompose.io.write.write_text`)."""
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+        return write_text(path, buf.getvalue(), force, what="--csv file")
 
     def __str__(self) -> str:
         return render_sweep(self)
@@ -201,6 +201,7 @@ def _output_sqnr(reference: list[torch.Tensor], model: nn.Module, xs: list[torch
         with torch.inference_mode():
             for y, x in zip(reference, xs):
                 y_hat = model(x).double()
+                check_finite(y_hat, "decomposed")
                 signal += float(y.pow(2).sum())
                 noise += float((y - y_hat).pow(2).sum())
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from conftest import tiny_cnn
 from torch import nn
 
@@ -32,3 +34,48 @@ def custom() -> nn.Module:
 
 def broken() -> nn.Module:
     raise RuntimeError("boom")
+
+
+class Raising(nn.Module):
+    """A model whose forward raises on batches of more than one sample (evaluation batches)."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise ValueError("custom failure in forward")
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class Exiting(Raising):
+    """A model whose forward calls sys.exit on batches of more than one sample."""
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            import sys
+            sys.exit(3)
+        return super().forward(x)
+
+
+class NaNOut(Raising):
+    """A model whose logits are all NaN."""
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3))) * float("nan")
+
+
+def exits() -> nn.Module:
+    import sys
+    sys.exit(4)
+
+
+class Colour(enum.Enum):
+    """A non-module class a checkpoint may hold (restored by a call, pickle REDUCE)."""
+
+    RED = 1
+    BLUE = 2

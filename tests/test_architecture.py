@@ -14,7 +14,7 @@ PKG = Path(decompose.__file__).resolve().parent
 #: package (first name under decompose) -> layer; a module may import its own package and
 #: lower layers only. Leaves (errors, progress) sit at 0.
 LAYER = {"errors": 0, "progress": 0, "kernels": 1, "methods": 2, "report": 3, "config": 3,
-         "engine": 3, "data": 3, "models": 3, "measure": 4, "io": 4, "planning": 5,
+         "engine": 3, "models": 3, "data": 4, "measure": 4, "io": 4, "planning": 5,
          "recover": 5, "api": 6, "sweep": 7, "compare": 7, "cli": 8, "__init__": 9}
 
 

@@ -7,13 +7,14 @@ library, and print.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from ..errors import DecomposeError
+from ..errors import DecomposeError, first_line
 
 
 class DefaultGroup(click.Group):
@@ -31,7 +32,7 @@ class DefaultGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except DecomposeError as e:
             _fail(str(e), 1)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -50,13 +51,33 @@ class DefaultGroup(click.Group):
             sys.exit(e.exit_code)
         except BrokenPipeError:
             sys.exit(1)
+        except SystemExit as e:  # decompose never raises it inside a command: user code did
+            _fail(f"code outside decompose (the model's, an --arch builder's or a module it "
+                  f"imports) called sys.exit({e.code!r}); decompose stopped, nothing more was "
+                  "written. Fix that code", 1)
+        except RecursionError:
+            _fail("the model or a file is nested too deeply (Python's recursion limit was "
+                  "reached); use a model file of reasonable depth", 1)
+        except MemoryError:
+            _fail("out of memory; try a smaller --batch-size, --limit or --input-shape", 1)
+        except OSError as e:
+            from ..io.write import _os_error
+            where = e.filename if e.filename else "a file"
+            _fail(str(_os_error(e, where, "use")), 1)
+        except Exception as e:  # a bug, here or in the model's code: still one line
+            if os.environ.get("DECOMPOSE_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__} ({first_line(e, 160)}); this is a bug in "
+                  "decompose or in the model's own code: rerun with DECOMPOSE_DEBUG=1 to see "
+                  "the traceback, and report it", 1)
         if not standalone_mode:
-            return None
-        sys.exit(0)
+            return rv
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
+    text = " ".join(message.split("\n")).strip()
+    click.echo(f"Error: {text}", err=True)
     sys.exit(code)
 
 
@@ -97,16 +118,30 @@ def parse_number(text: str | None, flag: str, kind: type, example: str) -> Any:
 
 
 def model_options(f: Callable) -> Callable:
-    """--arch / --allow / --trust: how to read a model file safely."""
+    """--arch / --allow / --allow-function / --trust: how to read a model file safely."""
     f = click.option("--trust", is_flag=True,
                      help="Load with the full unpickler (runs code from the file). Only for "
                           "files you made yourself.")(f)
+    f = click.option("--allow-function", "allow_functions", multiple=True,
+                     metavar="MODULE:FUNCTION",
+                     help="Let the file call this function while loading (repeatable). Only "
+                          "for files whose author you trust; --allow covers classes.")(f)
     f = click.option("--allow", multiple=True, metavar="MODULE[:CLASS]",
-                     help="Let the safe loader rebuild classes from this module (repeatable).")(f)
+                     help="Let the safe loader rebuild classes: every nn.Module class of "
+                          "MODULE, or MODULE:CLASS (a class, never a function; repeatable).")(f)
     f = click.option("--arch", metavar="MODULE:FN",
                      help="Builder for a checkpoint / state_dict, e.g. "
-                          "decompose.models.cifar_resnet:resnet20.")(f)
+                          "decompose.models.cifar_resnet:resnet20: MODULE is imported and FN "
+                          "called (with key=literal arguments, FN(depth=56)); name only code "
+                          "you trust.")(f)
     return f
+
+
+def seed_option(f: Callable) -> Callable:
+    """--seed S, an integer in [0, 2**32 - 1] (numpy's range)."""
+    return click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0,
+                        show_default=True, metavar="S",
+                        help="Seed of the --limit subset (0 to 4294967295).")(f)
 
 
 def positive(ctx, param, value):

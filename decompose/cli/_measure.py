@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from ..data.spec import MAX_SIDE
 from ..errors import DecomposeError
 from ._common import positive
 
@@ -53,14 +54,14 @@ def data_options(required: bool = False) -> Callable[[Callable], Callable]:
                                  "report.")),
             click.option("--limit", type=int, callback=positive, metavar="N",
                          help="Use a seeded random subset of N images (same ones every run)."),
-            click.option("--seed", type=int, default=0, show_default=True,
-                         help="Seed of the --limit subset."),
+            click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0,
+                         show_default=True, help="Seed of the --limit subset (0 to 4294967295)."),
             click.option("--batch-size", type=int, default=128, show_default=True,
                          callback=positive, help="Images per evaluation batch."),
-            click.option("--resize", type=int, callback=positive, metavar="PX",
-                         help="Resize the shorter side to PX pixels first."),
-            click.option("--crop", type=int, callback=positive, metavar="PX",
-                         help="Then center-crop to PX x PX."),
+            click.option("--resize", type=click.IntRange(1, MAX_SIDE), metavar="PX",
+                         help=f"Resize the shorter side to PX pixels first (1 to {MAX_SIDE})."),
+            click.option("--crop", type=click.IntRange(1, MAX_SIDE), metavar="PX",
+                         help=f"Then center-crop to PX x PX (1 to {MAX_SIDE})."),
             click.option("--mean", metavar="M[,M,M]",
                          help="Normalisation mean. Default ImageNet's 0.485,0.456,0.406 (what the "
                               "CIFAR ResNets were trained with)."),

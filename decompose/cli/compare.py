@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..config import CalibrationConfig
+from ..io.write import check_target, protect_inputs
 from ..progress import quiet_progress
 from ._common import (
     BUILD_KEYS,
@@ -55,6 +56,7 @@ from .sweep import load_with_data
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write DIR/compare_macs.png and DIR/compare_latency.png: top-1 against MACs "
                    "and against measured latency, per method (matplotlib).")
+@click.option("--force", is_flag=True, help="Replace an existing --csv file or figure.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
 def compare_cmd(model: str, **opts) -> None:
@@ -84,10 +86,15 @@ def compare_cmd(model: str, **opts) -> None:
     build.pop("method")
     common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]), **build)
     compare_configs(methods, targets, input_shape=shape, **common)  # validate before loading
-    if opts["plot_dir"]:
-        from ..measure.plots import require_matplotlib
-        require_matplotlib()
-    with quiet_progress(quiet):
+    inputs = (model, data_opts["data"], calib_opts["calib_dir"])
+    with protect_inputs(*inputs):  # fail before any work: outputs that may not be written
+        if opts["csv_path"]:
+            check_target(opts["csv_path"], opts["force"], what="--csv file")
+        if opts["plot_dir"]:
+            from ..measure.plots import COMPARE_FIGURES, check_plot_targets, require_matplotlib
+            require_matplotlib()
+            check_plot_targets(opts["plot_dir"], COMPARE_FIGURES, opts["force"])
+    with quiet_progress(quiet), protect_inputs(*inputs):
         calib = calibration_batches_from(calib_opts, data_opts)
         loader = make_loader_from(data_opts)
         loaded, batches, shape = load_with_data(model, opts, loader, shape, quiet)
@@ -101,13 +108,14 @@ def compare_cmd(model: str, **opts) -> None:
                          calibration_config=CalibrationConfig(
                              samples=calib_opts["calib_samples"],
                              method=calib_opts["calib_method"]))
-    if opts["csv_path"]:
-        log(f"wrote {result.to_csv(opts['csv_path'])}", quiet)
-    if opts["plot_dir"]:
-        from ..measure.plots import plot_compare
-        before = next((r["before_ms"] for r in result.rows if r.get("before_ms")), None)
-        for path in plot_compare(result.rows, opts["plot_dir"],
-                                 {**result.baseline, "before_ms": before},
-                                 title=f"{Path(model).name}: methods at equal MACs"):
-            log(f"wrote {path}", quiet)
+        if opts["csv_path"]:
+            log(f"wrote {result.to_csv(opts['csv_path'], force=opts['force'])}", quiet)
+        if opts["plot_dir"]:
+            from ..measure.plots import plot_compare
+            before = next((r["before_ms"] for r in result.rows if r.get("before_ms")), None)
+            for path in plot_compare(result.rows, opts["plot_dir"],
+                                     {**result.baseline, "before_ms": before},
+                                     title=f"{Path(model).name}: methods at equal MACs",
+                                     force=opts["force"]):
+                log(f"wrote {path}", quiet)
     emit(result, opts["as_json"])

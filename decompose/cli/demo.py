@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 import click
-import torch
 
 from ._common import emit, log
 
@@ -31,7 +30,8 @@ def demo_cmd(rank: int, workdir: str | None, force: bool, as_json: bool, quiet: 
     from torch.utils.data import DataLoader, TensorDataset
 
     from ..api import decompose_file
-    from ..io.files import load
+    from ..io.files import load, serialize
+    from ..io.write import write_bytes
     from ..measure.evaluate import evaluate
     from ..models.digits import load_digits_tensors, train_digits_cnn
 
@@ -45,9 +45,7 @@ def demo_cmd(rank: int, workdir: str | None, force: bool, as_json: bool, quiet: 
         log("training a small CNN on scikit-learn's 8x8 digits ...", quiet)
         model = train_digits_cnn(seed=0)
         src = folder / "digits-cnn.pt"
-        if src.exists() and not force:
-            raise click.ClickException(f"{src} exists; pass --force or choose another --workdir")
-        torch.save(model, src)
+        write_bytes(src, serialize(model), force)
         log(f"saved {src}", quiet)
         from ..config import DecomposeConfig
         report, _, out = decompose_file(str(src), DecomposeConfig(rank=rank), force=force,

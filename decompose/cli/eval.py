@@ -47,7 +47,8 @@ def eval_cmd(model: str, **opts) -> None:
     """
     from ..measure.compare import evaluate_model
     loader = make_loader_from({k: opts[k] for k in DATA_KEYS})
-    loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"])
+    loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
+                        allow_functions=opts["allow_functions"])
     log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__}); "
         f"{len(loader.dataset)} images in {opts['data']}", opts["quiet"])
     net = loaded.model

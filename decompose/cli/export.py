@@ -3,11 +3,15 @@ them in onnxruntime against the original model."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import click
 
 from ..engine.trace import infer_input_shape
 from ..errors import DecomposeError
 from ..io.files import check_writable, load_model
+from ..io.write import protect_inputs
 from ..measure.clock import CLOCKS, speedups
 from ._common import emit, log, model_options, parse_number, parse_shape
 
@@ -90,7 +94,7 @@ class ExportReport:
 @click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
 def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dynamo,
                static_batch, script, tolerance, no_check, compare, threads, repeats, clock, arch,
-               allow, trust, force, as_json, quiet) -> None:
+               allow, allow_functions, trust, force, as_json, quiet) -> None:
     """Export MODEL (e.g. a decomposed file) to ONNX and/or TorchScript.
 
     Each file is checked before it is written: onnxruntime (or torch.jit.load) runs it on seeded
@@ -104,8 +108,6 @@ def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dyn
       decompose export r20.decomposed.pt --onnx r20.onnx --batch-size 64 \\
           --compare resnet20.th --arch decompose.models.cifar_resnet:resnet20
     """
-    from ..io import export as ex
-
     if not onnx_out and not ts_out:
         raise DecomposeError("nothing to write; give --onnx OUT.onnx and/or --torchscript OUT.pt")
     if compare and not onnx_out:
@@ -131,48 +133,65 @@ def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dyn
         raise DecomposeError("--clock cpu reads the timing thread's CPU time, which covers the "
                              "whole graph only with one intra-op thread; add --threads 1")
     shape_given = parse_shape(input_shape)
+    with protect_inputs(model, compare):
+        _export(model, onnx_out, ts_out, shape_given, batch, opset_n, dynamo, static_batch,
+                script, tol, no_check, compare, n_threads, rounds, clock,
+                dict(arch=arch, allow=allow, allow_functions=allow_functions, trust=trust),
+                force, as_json, quiet)
+
+
+def _export(model, onnx_out, ts_out, shape_given, batch, opset_n, dynamo, static_batch, script,
+            tol, no_check, compare, n_threads, rounds, clock, how, force, as_json, quiet) -> None:
+    from ..io import export as ex
+
     # fail before any work: outputs, packages
     for out in (onnx_out, ts_out):
         if out:
             check_writable(out, force)
-    if onnx_out and ts_out and str(onnx_out) == str(ts_out):
+    if onnx_out and ts_out and os.path.realpath(onnx_out) == os.path.realpath(ts_out):
         raise DecomposeError("--onnx and --torchscript name the same file; give two names")
     if onnx_out:
         ex.require_onnx(dynamo)
         if not no_check:
             ex.require_onnxruntime()
 
-    loaded = load_model(model, arch=arch, allow=allow, trust=trust)
+    loaded = load_model(model, **how)
     log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
+    original = None
+    if compare:  # read before anything is written: a bad --compare file writes nothing
+        original = load_model(compare, **how)
+        log(f"loaded {compare} ({original.kind})", quiet)
     shape, source = infer_input_shape(loaded.model, shape_given, loaded.meta)
     report = ExportReport(model, shape, source)
     common = dict(input_shape=shape, batch_size=batch, check=not no_check, tolerance=tol,
                   force=force)
-    if onnx_out:
-        res = ex.export_onnx(loaded.model, onnx_out, opset=opset_n, dynamic_batch=not static_batch,
-                             dynamo=dynamo, **common)
-        report.exports.append(res)
-        log(f"wrote {res.path}", quiet)
-    if ts_out:
-        res = ex.export_torchscript(loaded.model, ts_out,
-                                    method="script" if script else "trace", **common)
-        report.exports.append(res)
-        log(f"wrote {res.path}", quiet)
-    if compare:
-        original = load_model(compare, arch=arch, allow=allow, trust=trust)
-        log(f"loaded {compare} ({original.kind}); exporting it to a temporary ONNX file", quiet)
-        with ex.temporary_onnx(original.model, shape, batch_size=batch, opset=opset_n,
-                               dynamic_batch=not static_batch, dynamo=dynamo,
-                               tolerance=tol) as orig:
+    with contextlib.ExitStack() as stack:
+        orig = None
+        if original is not None:
+            log(f"exporting {compare} to a temporary ONNX file", quiet)
+            orig = stack.enter_context(ex.temporary_onnx(
+                original.model, shape, batch_size=batch, opset=opset_n,
+                dynamic_batch=not static_batch, dynamo=dynamo, tolerance=tol))
+        if onnx_out:
+            res = ex.export_onnx(loaded.model, onnx_out, opset=opset_n,
+                                 dynamic_batch=not static_batch, dynamo=dynamo, **common)
+            report.exports.append(res)
+            log(f"wrote {res.path}", quiet)
+        if ts_out:
+            res = ex.export_torchscript(loaded.model, ts_out,
+                                        method="script" if script else "trace", **common)
+            report.exports.append(res)
+            log(f"wrote {res.path}", quiet)
+        if orig is not None:
             log(f"timing in onnxruntime: {rounds} alternating rounds", quiet)
             name = "decomposed" if loaded.kind == "decomposed" else "model"
             lat = ex.onnx_latency({"original": orig.path, name: onnx_out}, shape,
                                   batch_size=batch, threads=n_threads, repeats=rounds,
                                   timer=CLOCKS[clock])
-        base = lat["original"]
-        up = speedups(lat, "original")
-        report.latency = {
-            "batch_size": batch, "threads": base.threads, "rounds": rounds, "clock": clock,
-            "runtime": "onnxruntime CPUExecutionProvider",
-            "models": {n: {**r.to_dict(), "speedup": up[n]} for n, r in lat.items()}}
+            base = lat["original"]
+            up = speedups(lat, "original")
+            report.latency = {
+                "batch_size": batch, "threads": base.threads, "rounds": rounds, "clock": clock,
+                "runtime": "onnxruntime CPUExecutionProvider",
+                "models": {n: {**r.to_dict(), "speedup": up[n]} for n, r in lat.items()}}
     emit(report, as_json)

@@ -5,13 +5,14 @@ Parsing and printing only: the loop is :func:`decompose.recover.finetune.finetun
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ..data.spec import MAX_SIDE
 from ..errors import DecomposeError
+from ..io.write import check_target, protect_inputs
 from ._common import emit, log, model_options
 
 
@@ -83,8 +84,8 @@ def _loaders(opts: dict[str, Any]):
 @click.option("--val-limit", type=int, metavar="N", help="Validate on a seeded random N images.")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Data-loading worker processes.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds shuffling, augmentation and the --limit subsets.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seeds shuffling, augmentation and the --limit subsets (0 to 4294967295).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="auto = CUDA when available.")
 @click.option("--threads", type=int, metavar="N",
@@ -97,8 +98,10 @@ def _loaders(opts: dict[str, Any]):
                    "dense on CPU for rank >= 2. The saved model is decoupled either way.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random crop (4-pixel zero padding) + horizontal flip: the CIFAR recipe.")
-@click.option("--resize", type=int, metavar="PX", help="Resize the shorter side to PX first.")
-@click.option("--crop", type=int, metavar="PX", help="Then center-crop to PX x PX.")
+@click.option("--resize", type=click.IntRange(1, MAX_SIDE), metavar="PX",
+              help=f"Resize the shorter side to PX first (1 to {MAX_SIDE}).")
+@click.option("--crop", type=click.IntRange(1, MAX_SIDE), metavar="PX",
+              help=f"Then center-crop to PX x PX (1 to {MAX_SIDE}).")
 @click.option("--mean", metavar="M[,M,M]", help="Normalisation mean. Default ImageNet's.")
 @click.option("--std", metavar="S[,S,S]", help="Normalisation std. Default ImageNet's.")
 @click.option("--grayscale", is_flag=True, help="Read images as one channel.")
@@ -115,7 +118,8 @@ def _loaders(opts: dict[str, Any]):
                    "with .log.jsonl.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint of an earlier run.")
 @click.option("--force", is_flag=True,
-              help="Overwrite an existing output, and start over instead of resuming.")
+              help="Overwrite an existing output and log, and start over instead of resuming "
+                   "(never an input, a folder, a device or a FIFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
 def finetune_cmd(decomposed: str, **o: Any) -> None:
@@ -135,11 +139,10 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
       torchrun --nproc_per_node 2 --no-python decompose finetune small.pt --data train/ \\
           --val val/ --epochs 3 --device cpu
     """
-    from ..io.files import load_model
-    from ..progress import quiet_progress
     from ..recover import finetune as ft
-    from ..recover.finetune._distributed import distributed_env, resolve_device
 
+    if o["output"]:
+        check_target(o["output"], force=True)  # the name itself (e.g. a trailing "/"): now
     out = Path(o["output"]) if o["output"] else Path(decomposed).with_name(
         f"{Path(decomposed).stem}.finetuned.pt")
     if o["control"] and not o["teacher"]:
@@ -162,6 +165,17 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
             **cfg.to_dict(), "checkpoint": _path_with(Path(cfg.checkpoint), ".control.ckpt"),
             "log": _control_name(cfg.log)})
     resume_control = bool(control_cfg and o["resume"] and Path(control_cfg.checkpoint).exists())
+    with protect_inputs(decomposed, o["teacher"], o["data"], o["val"]):
+        _finetune(decomposed, o, out, cfg, control_cfg, resume_control)
+
+
+def _finetune(decomposed: str, o: dict[str, Any], out: Path, cfg: Any, control_cfg: Any,
+              resume_control: bool) -> None:
+    from ..io.files import load_model
+    from ..progress import quiet_progress
+    from ..recover import finetune as ft
+    from ..recover.finetune._distributed import distributed_env, resolve_device
+
     # everything that can be refused is refused before any model or image is read
     ft.check_outputs(out, cfg, force=o["force"], resume=o["resume"])
     if control_cfg:
@@ -175,11 +189,12 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
     d = distributed_env()
     resolve_device(cfg.device, d)  # --device cuda without a GPU: refused before loading
     quiet = o["quiet"] or not d.main
-    student = load_model(decomposed, allow=o["allow"], trust=o["trust"])
+    student = load_model(decomposed, allow=o["allow"], trust=o["trust"],
+                         allow_functions=o["allow_functions"])
     teacher = None
     if o["teacher"]:
         teacher = load_model(o["teacher"], arch=o["arch"], allow=o["allow"],
-                             trust=o["trust"]).model
+                             trust=o["trust"], allow_functions=o["allow_functions"]).model
     train, val = _loaders(o)
     log(f"fine-tuning {decomposed} ({type(student.model).__name__}) on {len(train.dataset)} "
         f"images of {o['data']}, validating on {len(val.dataset)} of {o['val']}", quiet)
@@ -198,7 +213,7 @@ def finetune_cmd(decomposed: str, **o: Any) -> None:
                     progress=not quiet)
     except ft.FinetuneInterrupted as e:
         click.echo(str(e), err=True)  # not an error: the run can go on with --resume
-        sys.exit(130 if e.signal_name == "SIGINT" else 143)
+        raise click.exceptions.Exit(130 if e.signal_name == "SIGINT" else 143) from None
     finally:
         ft.shutdown_distributed()
     if d.main:

@@ -6,6 +6,7 @@ import click
 
 from ..api import decompose_file
 from ..config import CalibrationConfig
+from ..io.write import protect_inputs
 from ..progress import quiet_progress
 from ._common import (
     RANK_KEYS,
@@ -47,7 +48,8 @@ def _nothing_to_do(report, model_path: str) -> None:
                    "per layer (needs matplotlib).")
 @click.option("-o", "--output", type=click.Path(), help="Where to write the decomposed model. "
               "Default: MODEL.decomposed.pt next to MODEL.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (and --plot "
+              "figures); never an input, a folder, a device or a FIFO.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
 def run_cmd(model: str, **opts) -> None:
@@ -71,10 +73,12 @@ def run_cmd(model: str, **opts) -> None:
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
     data_opts, lat = pop_keys(opts, DATA_KEYS), pop_keys(opts, LATENCY_KEYS)
     quiet = opts["quiet"]
-    with quiet_progress(quiet):
+    calib_opts = pop_keys(opts, CALIB_KEYS)
+    with quiet_progress(quiet), protect_inputs(model, data_opts["data"], calib_opts["calib_dir"]):
         if opts["plot_dir"]:
-            from ..measure.plots import require_matplotlib
+            from ..measure.plots import REPORT_FIGURES, check_plot_targets, require_matplotlib
             require_matplotlib()  # fail before any work
+            check_plot_targets(opts["plot_dir"], REPORT_FIGURES, opts["force"])
         loader = make_loader_from(data_opts)
         batches = data_shape = None
         if loader is not None:
@@ -82,7 +86,6 @@ def run_cmd(model: str, **opts) -> None:
             batches = cache_batches(loader)
             data_shape = tuple(batches[0][0].shape[1:]) if batches else None
         kept = {}
-        calib_opts = pop_keys(opts, CALIB_KEYS)
         calib = calibration_batches_from(calib_opts, data_opts)
 
         def before_save(report, original, decomposed):
@@ -96,7 +99,8 @@ def run_cmd(model: str, **opts) -> None:
         needed = batches is not None or lat["latency"] or opts["plot_dir"]
         report, _, out = decompose_file(
             model, config, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
-            output=opts["output"], force=opts["force"], data_shape=data_shape,
+            allow_functions=opts["allow_functions"], output=opts["output"],
+            force=opts["force"], data_shape=data_shape,
             before_save=before_save if needed else None, calibration=calib,
             calibration_config=CalibrationConfig(samples=calib_opts["calib_samples"],
                                                  method=calib_opts["calib_method"]),
@@ -105,7 +109,8 @@ def run_cmd(model: str, **opts) -> None:
             _nothing_to_do(report, model)
         if opts["plot_dir"]:
             from ..measure.plots import plot_report
-            for path in plot_report(report, kept["original"], opts["plot_dir"]):
+            for path in plot_report(report, kept["original"], opts["plot_dir"],
+                                    force=opts["force"]):
                 log(f"wrote {path}", quiet)
     emit(report, opts["as_json"])
     log(f"wrote {out}", quiet)
@@ -128,9 +133,10 @@ def report_cmd(model: str, **opts) -> None:
     """
     config = config_from_options(**pop_keys(opts, RANK_KEYS))
     report, loaded, _ = decompose_file(model, config, arch=opts["arch"], allow=opts["allow"],
-                                       trust=opts["trust"], write=False)
+                                       trust=opts["trust"], write=False,
+                                       allow_functions=opts["allow_functions"])
     if loaded.kind == "decomposed":
         report.already_decomposed = loaded.meta.get("layers", [])
-        log(f"{model} was written by decompose: {len(loaded.meta.get('layers', []))} layers "
-            f"decoupled from {loaded.meta.get('source')}")
+        log(f"{model} was written by decompose: {len(loaded.meta.get('layers') or [])} layers "
+            f"decomposed from {loaded.meta.get('source')} (checksum {loaded.checksum})")
     emit(report, opts["as_json"])

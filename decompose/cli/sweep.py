@@ -6,6 +6,7 @@ import click
 
 from ..config import CalibrationConfig
 from ..io.files import load_model
+from ..io.write import check_target, protect_inputs
 from ..progress import quiet_progress
 from ._common import (
     BUILD_KEYS,
@@ -46,7 +47,8 @@ def load_with_data(model: str, opts: dict, loader, shape, quiet: bool):
     """The model, its --data batches in memory, and the input shape (the data's when neither
     --input-shape nor the model says it): what sweep and compare measure with."""
     from ..engine.trace import infer_input_shape
-    loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"])
+    loaded = load_model(model, arch=opts["arch"], allow=opts["allow"], trust=opts["trust"],
+                        allow_functions=opts["allow_functions"])
     log(f"loaded {model} ({loaded.kind}, {type(loaded.model).__name__})", quiet)
     batches = None
     if loader is not None:
@@ -85,6 +87,9 @@ def load_with_data(model: str, opts: dict, loader, shape, quiet: bool):
               help="Also write the rows to FILE as CSV.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write DIR/sweep.png: top-1 and measured speed-up against MACs (matplotlib).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --csv file or DIR/sweep.png (never an input, a folder, "
+                   "a device or a FIFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
 def sweep_cmd(model: str, **opts) -> None:
@@ -99,7 +104,8 @@ def sweep_cmd(model: str, **opts) -> None:
     Each row: MACs and params ratio (whole model), mean kernel error, top-1 and its drop on
     --data (the original is evaluated once, on the same images), SQNR of the outputs, and the
     measured speed-up of the whole model; timed settings add the planner's predicted latency
-    fraction, calibrated ones the calibration time. Nothing is written but --csv and --plot.
+    fraction, calibrated ones the calibration time. Nothing is written but --csv and --plot
+    (existing files only replaced with --force).
 
     \b
     Examples:
@@ -130,10 +136,15 @@ def sweep_cmd(model: str, **opts) -> None:
         raise click.BadParameter("output errors are measured on calibration images: add "
                                  "--calibrate DIR", param_hint="--allocate")
     sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)  # validate
-    if opts["plot_dir"]:
-        from ..measure.plots import require_matplotlib
-        require_matplotlib()
-    with quiet_progress(quiet):
+    inputs = (model, data_opts["data"], calib_opts["calib_dir"])
+    with protect_inputs(*inputs):  # fail before any work: outputs that may not be written
+        if opts["csv_path"]:
+            check_target(opts["csv_path"], opts["force"], what="--csv file")
+        if opts["plot_dir"]:
+            from ..measure.plots import SWEEP_FIGURE, check_plot_targets, require_matplotlib
+            require_matplotlib()
+            check_plot_targets(opts["plot_dir"], [SWEEP_FIGURE], opts["force"])
+    with quiet_progress(quiet), protect_inputs(*inputs):
         calib = calibration_batches_from(calib_opts, data_opts)  # a bad folder fails now
         loader = make_loader_from(data_opts)
         loaded, batches, shape = load_with_data(model, opts, loader, shape, quiet)
@@ -146,14 +157,15 @@ def sweep_cmd(model: str, **opts) -> None:
                        repeats=lat["repeats"], threads=lat["threads"], calibration=calib,
                        calibration_config=CalibrationConfig(
                            samples=calib_opts["calib_samples"], method=calib_opts["calib_method"]))
-    if opts["csv_path"]:
-        log(f"wrote {result.to_csv(opts['csv_path'])}", quiet)
-    if opts["plot_dir"]:
-        from pathlib import Path
+        if opts["csv_path"]:
+            log(f"wrote {result.to_csv(opts['csv_path'], force=opts['force'])}", quiet)
+        if opts["plot_dir"]:
+            from pathlib import Path
 
-        from ..measure.plots import plot_sweep
-        path = plot_sweep(result.rows, Path(opts["plot_dir"]) / "sweep.png",
-                          baseline_top1=result.baseline.get("top1"),
-                          title=f"{Path(model).name}: {len(result.rows)} settings")
-        log(f"wrote {path}", quiet)
+            from ..measure.plots import SWEEP_FIGURE, plot_sweep
+            path = plot_sweep(result.rows, Path(opts["plot_dir"]) / SWEEP_FIGURE,
+                              baseline_top1=result.baseline.get("top1"),
+                              title=f"{Path(model).name}: {len(result.rows)} settings",
+                              force=opts["force"])
+            log(f"wrote {path}", quiet)
     emit(result, opts["as_json"])

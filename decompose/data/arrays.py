@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,19 @@ class ArrayData(_Data):
 def _read_npz(path: Path, labels_required: bool
               ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(x as (N, H, W, C), labels or None, class names) from an .npz; raises on bad content."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001 - zip, pickle and format errors all mean "unreadable"
-        raise DecomposeError(f"cannot read {path} as an .npz file ({_first_line(e)}); "
-                             f"save it with numpy.savez(path, x=images, y=labels)") from None
+    from ..io.inputs import open_input
+    with open_input(path, "data file") as fh:
+        _check_npz_size(fh, path)
+        fh.seek(0)
+        try:
+            with np.load(fh, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except MemoryError:
+            raise DecomposeError(f"{path} does not fit in memory; use a smaller .npz or a folder "
+                                 "of images") from None
+        except Exception as e:  # noqa: BLE001 - zip, pickle and format errors: "unreadable"
+            raise DecomposeError(f"cannot read {path} as an .npz file ({_first_line(e)}); "
+                                 f"save it with numpy.savez(path, x=images, y=labels)") from None
     keys = ", ".join(sorted(arrays)) or "none"
     if "x" not in arrays:
         raise DecomposeError(f"{path} has no array 'x' (keys: {keys}); save images as x with shape "
@@ -108,6 +116,32 @@ def _read_npz(path: Path, labels_required: bool
     if y.min() < 0:
         raise DecomposeError(f"{path}: y holds negative labels; labels must be 0..classes-1")
     return x, y.astype(np.int64), _class_names(arrays, int(y.max()) + 1)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _check_npz_size(fh, path: Path) -> None:
+    """Refuse an .npz whose arrays, once decompressed, would take more than half the memory
+    available (a compressed file can expand a thousandfold), before reading them."""
+    try:
+        with zipfile.ZipFile(fh) as z:
+            declared = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # np.load says what is wrong with it
+    avail = _available_memory()
+    if avail is not None and declared > avail // 2:
+        raise DecomposeError(f"{path} holds {declared / 2**30:.1f} GiB of arrays once "
+                             f"decompressed, more than half the {avail / 2**30:.1f} GiB of "
+                             "memory available; use a smaller .npz or a folder of images")
 
 
 def _class_names(arrays: dict[str, np.ndarray], n: int) -> list[str]:

@@ -44,6 +44,9 @@ class _Data(Dataset):
             return
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise DecomposeError(f"limit must be a positive number of samples or None, got {limit!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise DecomposeError(f"seed must be an integer from 0 to {2**32 - 1}, got {seed!r}; "
+                                 "e.g. --seed 0")
         if limit < len(self.indices):
             pick = np.random.default_rng(seed).choice(len(self.indices), limit, replace=False)
             self.indices = self.indices[np.sort(pick)]

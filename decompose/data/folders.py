@@ -8,6 +8,7 @@ per dataset), so a second pass costs no decoding.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,62 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _class_files(folder: Path) -> list[Path]:
+    """The image files under one class folder, symbolic links followed, in the order
+    ``sorted(os.walk(folder))`` would give them; but every real folder is entered once (a link
+    loop is not followed round and round) and every real file counted once. A FIFO, device or
+    dangling link with an image name is an error (opening it would block or fail later)."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    per_dir: list[tuple[str, list[Path]]] = []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise DecomposeError(f"cannot read data folder {d} ({e.strerror}); check its "
+                                 "permissions and links") from None
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        here: list[Path] = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    stack.append(Path(e.path))
+                    continue
+            except OSError:
+                pass
+            if not _is_image(e.name):
+                continue
+            try:
+                fst = os.stat(e.path)
+            except OSError as err:
+                raise DecomposeError(f"image {e.path} cannot be read ({err.strerror}; a dangling "
+                                     "or looping link?); fix or delete it") from None
+            if not stat.S_ISREG(fst.st_mode):
+                raise DecomposeError(f"image {e.path} is not a regular file (a FIFO, device or "
+                                     "socket); delete it or move it out of the data folder")
+            if (fst.st_dev, fst.st_ino) in seen_files:
+                continue
+            seen_files.add((fst.st_dev, fst.st_ino))
+            here.append(Path(e.path))
+        per_dir.append((d.as_posix() if isinstance(d, Path) else str(d), here))
+    return [f for _, fs in sorted(per_dir, key=lambda t: t[0]) for f in fs]
+
+
 def _scan_folder(root: Path, labels_required: bool
                  ) -> tuple[list[str], list[Path], list[int] | None]:
     """(class names, image files, labels or None) for an image folder; raises on a bad layout."""
-    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    try:
+        entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    except OSError as e:
+        raise DecomposeError(f"cannot read data folder {root} ({e.strerror}); check its "
+                             "permissions") from None
     if not entries:
         raise DecomposeError(f"data folder {root} is empty; put one sub-folder of images per "
                              f"class in it ({root}/<class>/<image>.jpg)")
@@ -95,12 +148,9 @@ def _scan_folder(root: Path, labels_required: bool
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        for dirpath, dirnames, fnames in sorted(os.walk(root / name, followlinks=True)):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for fname in sorted(fnames):
-                if _is_image(fname) and not fname.startswith("."):
-                    files.append(Path(dirpath) / fname)
-                    labels.append(label)
+        found = _class_files(root / name)
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise DecomposeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class sub-folders "
                              f"of {root}; put the images in {root}/<class>/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,16 @@ def open_dataset(path: str | os.PathLike, spec: DataSpec | None = None, *, limit
         -1 when unlabeled.
     """
     p = Path(path)
-    if not p.exists():
+    from ..io.inputs import stat_input
+    try:
+        os.stat(p)
+    except FileNotFoundError:
         raise DecomposeError(f"data path {p} does not exist; give a folder of class sub-folders "
-                             f"or an .npz file")
-    if p.is_dir():
+                             f"or an .npz file") from None
+    except (OSError, ValueError):
+        pass  # stat_input says what is wrong
+    st = stat_input(p, "data path", folder_ok=True)  # FIFOs, devices, long names: refused
+    if stat.S_ISDIR(st.st_mode):
         data: _Data = ImageFolderData(p, spec, labels_required)
     elif p.suffix.lower() == ".npz":
         data = ArrayData(p, spec, labels_required)

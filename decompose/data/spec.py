@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -11,6 +12,9 @@ from ..errors import DecomposeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: largest resize / crop side: an 8192 x 8192 RGB image is 0.8 GB as float32 (a larger one is
+#: almost certainly a typo, e.g. --resize 100000, which would need 120 GB)
+MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class DataSpec:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise DecomposeError(f"{name} must be a positive number of pixels or None, got {v!r}")
+            if v is not None and v > MAX_SIDE:
+                raise DecomposeError(f"{name} must be at most {MAX_SIDE} pixels, got {v}; e.g. "
+                                     f"--{name} 224")
         for name, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
             v = getattr(self, name)
             if v is None:
@@ -60,6 +67,9 @@ class DataSpec:
                 raise DecomposeError(
                     f"{name} has {len(vals)} values but the images have {self.channels} "
                     f"channel(s); give one value or {self.channels}")
+            if not all(math.isfinite(t) for t in vals):
+                raise DecomposeError(f"{name} must be finite numbers, got {v!r}; e.g. "
+                                     f"--{name} {','.join(map(str, default))}")
             object.__setattr__(self, name, vals)
         if any(s <= 0 for s in self.std):
             raise DecomposeError(f"std values must be positive, got {self.std}")

@@ -3,11 +3,19 @@
 Multiply-adds (MACs) count convolutions and linear layers, one per weight use per output
 element: ``out_channels * in_channels/groups * K * output_pixels`` for a conv. Biases,
 normalisation, activations and pooling are not counted. They depend on the input size, so every
-count takes one sample's ``input_shape`` (no batch dimension) and runs one forward pass on zeros.
+count takes one sample's ``input_shape`` (no batch dimension) and runs one forward pass.
+
+That pass runs on PyTorch's ``meta`` device: a copy of the model whose tensors have shapes and
+dtypes but no data, fed a meta input, so counting a 3x4000x4000 input allocates no activations
+at all. A model that cannot run on meta tensors (data-dependent control flow, tensors created
+on the CPU inside ``forward``) is run for real on zeros instead, but only for inputs of at most
+:data:`REAL_TRACE_MAX_ELEMENTS` elements; a larger input is then a one-line error.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -74,9 +82,24 @@ def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1
     return torch.zeros(batch, *input_shape, dtype=dtype, device=device)
 
 
-def trace(model: nn.Module, input_shape: tuple[int, ...],
-          want=lambda m: is_conv(m) or isinstance(m, nn.Linear)) -> dict[str, Call]:
-    """Run one sample of zeros through ``model`` and record the shapes each wanted module saw."""
+REAL_TRACE_MAX_ELEMENTS = 1 << 24  # 16M input elements (64 MB as float32)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (no data is
+    copied; other attributes are deep-copied as usual)."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo:
+            continue
+        m = t.detach().to("meta")
+        if isinstance(t, nn.Parameter):
+            m = nn.Parameter(m, requires_grad=t.requires_grad)
+        memo[id(t)] = m
+    return copy.deepcopy(model, memo)
+
+
+def _record(model: nn.Module, input_shape: tuple[int, ...], want) -> dict[str, Call]:
     seen: dict[str, Call] = {}
     handles = []
 
@@ -96,17 +119,42 @@ def trace(model: nn.Module, input_shape: tuple[int, ...],
     try:
         with eval_mode(model), torch.no_grad():
             model(example_input(model, input_shape))
-    except DecomposeError:
-        raise
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        shape = ",".join(map(str, input_shape))
-        raise DecomposeError(f"the model fails on input shape {shape} ({msg[:160]}); pass the "
-                             "right --input-shape, e.g. --input-shape 3,32,32") from None
     finally:
         for h in handles:
             h.remove()
     return seen
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...],
+          want=lambda m: is_conv(m) or isinstance(m, nn.Linear)) -> dict[str, Call]:
+    """Run one sample through ``model`` and record the shapes each wanted module saw: on the
+    meta device when the model runs there (no activations allocated), else for real on zeros
+    (inputs up to :data:`REAL_TRACE_MAX_ELEMENTS` elements); see the module docs."""
+    shape = ",".join(map(str, input_shape))
+    try:
+        ghost = meta_copy(model)
+    except Exception:  # noqa: BLE001 - an uncopyable model is traced for real
+        ghost = None
+    if ghost is not None:
+        try:
+            return _record(ghost, input_shape, want)
+        except DecomposeError:
+            raise
+        except Exception:  # noqa: BLE001 - not runnable on meta tensors: try for real below
+            pass
+    if math.prod(input_shape) > REAL_TRACE_MAX_ELEMENTS:
+        raise DecomposeError(
+            f"this model cannot be traced on meta tensors, and input shape {shape} is too large "
+            f"to run for real just to count multiply-adds (more than {REAL_TRACE_MAX_ELEMENTS} "
+            "elements); pass a smaller --input-shape")
+    try:
+        return _record(model, input_shape, want)
+    except DecomposeError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DecomposeError(f"the model fails on input shape {shape} ({msg[:160]}); pass the "
+                             "right --input-shape, e.g. --input-shape 3,32,32") from None
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -166,6 +214,12 @@ def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
 DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
 
 
+def _valid_shape(shape: object) -> bool:
+    return (isinstance(shape, (list, tuple, torch.Size)) and 1 <= len(shape) <= 5
+            and all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 1 << 20
+                    for s in shape))
+
+
 def infer_input_shape(model: nn.Module, given: tuple[int, ...] | None = None,
                       meta: dict | None = None) -> tuple[tuple[int, ...], str]:
     """One sample's input shape and where it came from.
@@ -178,8 +232,14 @@ def infer_input_shape(model: nn.Module, given: tuple[int, ...] | None = None,
         return tuple(given), "given"
     own = getattr(model, "input_shape", None)
     if own:
+        if not _valid_shape(own):
+            raise DecomposeError(f"the model's input_shape attribute ({str(own)[:40]}) is not a "
+                                 "list of positive integers; pass --input-shape, e.g. 3,32,32")
         return tuple(int(s) for s in own), "model.input_shape"
     if meta and meta.get("input_shape"):
+        if not _valid_shape(meta["input_shape"]):
+            raise DecomposeError("the file's recorded input_shape is not a list of positive "
+                                 "integers; pass --input-shape, e.g. 3,32,32")
         return tuple(meta["input_shape"]), "file"
     for m in model.modules():
         if is_conv(m):
@@ -190,5 +250,5 @@ def infer_input_shape(model: nn.Module, given: tuple[int, ...] | None = None,
     raise DecomposeError("cannot tell this model's input shape; pass --input-shape, e.g. 3,32,32")
 
 
-__all__ = ["CONV_TYPES", "Call", "conv_macs", "count_macs", "infer_input_shape", "param_count",
-           "trace", "example_input"]
+__all__ = ["CONV_TYPES", "REAL_TRACE_MAX_ELEMENTS", "Call", "conv_macs", "count_macs",
+           "example_input", "infer_input_shape", "meta_copy", "param_count", "trace"]

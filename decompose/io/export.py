@@ -4,10 +4,12 @@
     res = export_onnx(model, "model.onnx", input_shape=(3, 32, 32))
     print(res.max_rel_err)                       # onnxruntime vs PyTorch, on seeded random input
 
-Every file is written to a temporary name in the target folder, *checked*, and only then renamed
-into place (:func:`decompose.io.files.atomic_write`): an export whose outputs differ from PyTorch's by
+Every file is *checked* before it lands, and written by :mod:`decompose.io.write` (a temporary
+name in the target folder, renamed into place): an export whose outputs differ from PyTorch's by
 more than ``tolerance`` raises :class:`~decompose.errors.DecomposeError` and leaves nothing behind,
-and an existing file is only replaced with ``force=True``.
+and an existing file is only replaced with ``force=True``. TorchScript is serialised and checked
+in memory (``torch.jit.save`` into a buffer), so a full disk can only fail in the writer, as a
+one-line error; torch's own file writer aborts the process on a full disk.
 
 ONNX exporter (measured on torch 2.13, onnx 1.23, onnxruntime 1.32, onnxscript 0.7; see
 docs/export.md): the default is torch's TorchScript-based exporter, ``torch.onnx.export(...,
@@ -23,6 +25,7 @@ ONNX runtime runs them.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import sys
@@ -40,7 +43,7 @@ from ..engine.trace import dtype_device, eval_mode, infer_input_shape
 from ..errors import DecomposeError
 from ..errors import first_line as _first_line
 from ..measure.clock import Latency, compare_latency
-from .files import atomic_write
+from .write import atomic_write, check_target, write_bytes
 
 DEFAULT_OPSET = 17         # the TorchScript-based exporter; onnxruntime >= 1.14 runs it
 DEFAULT_OPSET_DYNAMO = 18  # the lowest the dynamo exporter writes without a version conversion
@@ -286,8 +289,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
             try:
                 with _quiet_exporter():
                     _torch_onnx_export(model, x, tmp, opset, dynamic_batch, dynamo)
-            except DecomposeError:
-                raise
+            except (DecomposeError, OSError):
+                raise  # OSError: the writer says what went wrong with the disk
             except Exception as e:
                 other = "without --dynamo" if dynamo else "with --dynamo"
                 raise DecomposeError(f"ONNX export failed ({type(e).__name__}: "
@@ -334,29 +337,29 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
     result = ExportResult("torchscript", str(path), shape, batch_size, f"torch.jit.{method}",
                           tolerance=tolerance, dynamic_batch=True)
     x = example(model, shape, batch_size)
-
-    def write(tmp: str) -> None:
-        with eval_mode(model), torch.no_grad():
-            try:
-                with _quiet_exporter():
-                    ts = torch.jit.trace(model, x) if method == "trace" else torch.jit.script(model)
-                    torch.jit.save(ts, tmp)
-            except Exception as e:
-                other = "script" if method == "trace" else "trace"
-                raise DecomposeError(f"TorchScript {method} failed ({type(e).__name__}: "
-                                     f"{_first_line(e)}); try method={other!r}") from None
-            if check:
-                with _quiet_exporter():
-                    loaded = torch.jit.load(tmp, map_location=x.device)
-                errors = _Errors()
-                for b in _check_batches(batch_size, True):
-                    xb = example(model, shape, b, seed=b)
-                    errors.add(_flat(loaded(xb)), _flat(model(xb)), "the TorchScript model")
-                result.max_abs_err, result.max_rel_err = errors.abs, errors.rel
-                result.checked_batches = _check_batches(batch_size, True)
-                _verify(errors, tolerance, "the TorchScript model")
-
-    result.path = str(atomic_write(path, write, force))
+    check_target(path, force)
+    with eval_mode(model), torch.no_grad():
+        buf = io.BytesIO()
+        try:
+            with _quiet_exporter():
+                ts = torch.jit.trace(model, x) if method == "trace" else torch.jit.script(model)
+                torch.jit.save(ts, buf)
+        except Exception as e:
+            other = "script" if method == "trace" else "trace"
+            raise DecomposeError(f"TorchScript {method} failed ({type(e).__name__}: "
+                                 f"{_first_line(e)}); try method={other!r}") from None
+        data = buf.getvalue()
+        if check:
+            with _quiet_exporter():
+                loaded = torch.jit.load(io.BytesIO(data), map_location=x.device)
+            errors = _Errors()
+            for b in _check_batches(batch_size, True):
+                xb = example(model, shape, b, seed=b)
+                errors.add(_flat(loaded(xb)), _flat(model(xb)), "the TorchScript model")
+            result.max_abs_err, result.max_rel_err = errors.abs, errors.rel
+            result.checked_batches = _check_batches(batch_size, True)
+            _verify(errors, tolerance, "the TorchScript model")
+    result.path = str(write_bytes(path, data, force))
     return result
 
 

@@ -1,25 +1,28 @@
 """Loading model files without running code from them, and writing results atomically.
 
-* ``torch.load(..., weights_only=True)`` with an allowlist: every ``nn.Module`` class of
-  ``torch.nn``, the classes of ``decompose.models``, and the classes of modules the user names
-  (``--allow MODULE`` / ``--arch MODULE:FN``). Anything else is refused with the class name and
-  the flag that allows it. ``trust=True`` (``--trust``) uses the full unpickler: only for files
-  the user made.
-* Outputs are written to a temporary file in the target folder and renamed into place, so a
-  crash never leaves a partial file, and an existing file is only replaced with ``force=True``.
+* Reading: :func:`decompose.io.safeload.read_torch_file`, i.e. ``torch.load(weights_only=True)``
+  with an allowlist (every ``nn.Module`` class of ``torch.nn``, the classes of
+  ``decompose.models``, and the classes the user names with ``--allow MODULE[:CLASS]`` /
+  ``--arch MODULE:FN``; functions only with ``--allow-function MODULE:NAME``), the path checked
+  before it is opened, the container checked (CRC-32, zip bombs) and memory bounded. Anything
+  else is refused with the name of what the file asked for. ``trust=True`` (``--trust``) uses
+  the full unpickler: only for files the user made.
+* A decompose file is ``{"format": "decompose", "version": N, "model": module, "meta": {...},
+  "checksum": {"algorithm": "sha256", "digest": ...}}``; a newer version than this code knows,
+  malformed metadata or a checksum that does not match is an error (files without a checksum,
+  written before it existed, load as "unverified").
+* Writing: :mod:`decompose.io.write` (atomic, never over an existing file without ``force``,
+  never over the command's inputs, regular files only).
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
-import inspect
+import io
 import os
 import pickle
 import re
 import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,135 +32,49 @@ import torch
 from torch import nn
 
 from ..errors import DecomposeError
+from .checksum import ALGORITHM, model_digest
+from .safeload import (
+    _import,
+    _short,
+    allowed_classes,
+    allowed_functions,
+    allowlist,
+    read_torch_file,
+)
+from .write import atomic_write, check_target, write_bytes
 
 FORMAT = "decompose"
 #: 2: factorized layers are LowRankConv modules (any method); 1: bare nn.Sequential ND layers,
 #: upgraded to LowRankConv when read
 FORMAT_VERSION = 2
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+MAX_MODULE_DEPTH = 200
+MAX_META_DEPTH = 50
+MAX_SHAPE_SIDE = 1 << 20
 
 
 @dataclass
 class Loaded:
-    """A model read from a file, with what the file said about itself."""
+    """A model read from a file, with what the file said about itself.
+
+    ``checksum``: ``"verified"`` (a decompose file whose stored checksum matched),
+    ``"unverified"`` (a decompose file written before checksums existed) or ``"none"`` (not a
+    decompose file)."""
 
     model: nn.Module
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
     kind: str = "module"  # "module", "decomposed" or "checkpoint"
-
-
-# -------------------------------------------------------------------------------- allowlist
-def _module_classes(mod: Any) -> list[type]:
-    return [obj for obj in vars(mod).values()
-            if inspect.isclass(obj) and issubclass(obj, nn.Module)]
-
-
-def _torch_nn_classes() -> list[type]:
-    out: set[type] = set()
-    for name in dir(nn.modules):
-        sub = getattr(nn.modules, name)
-        if inspect.ismodule(sub):
-            out.update(_module_classes(sub))
-    out.update(_module_classes(nn))
-    return sorted(out, key=lambda c: c.__module__ + c.__qualname__)
-
-
-def _own_classes() -> list[type]:
-    """nn.Module classes defined by this package (its model zoo and layers): trusted code."""
-    import pkgutil
-
-    from .. import models as zoo
-    from ..methods import custom_modules
-    out: list[type] = list(custom_modules())  # LowRankConv and the methods' helper modules
-    for info in pkgutil.iter_modules(zoo.__path__):
-        out += _module_classes(importlib.import_module(f"{zoo.__name__}.{info.name}"))
-    return out
-
-
-def _import(module: str, what: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or the module failing on import
-        raise DecomposeError(
-            f"cannot import {what} {module!r} ({type(e).__name__}: {e}); check the name and that "
-            f"it is on PYTHONPATH") from None
-
-
-def allowlist(allow: Iterable[str] = ()) -> list[Any]:
-    """Classes the safe loader may rebuild: torch.nn, decompose.models, and ``allow`` entries.
-
-    An entry is ``module`` (all nn.Module classes in it) or ``module:Class``.
-    """
-    classes: list[Any] = list(_torch_nn_classes())
-    classes += _own_classes()
-    for entry in allow:
-        mod_name, _, cls_name = entry.partition(":")
-        mod = _import(mod_name, "module")
-        if cls_name:
-            obj = getattr(mod, cls_name, None)
-            if obj is None:
-                raise DecomposeError(f"{mod_name} has no {cls_name!r}; check --allow {entry}")
-            classes.append(obj)
-        else:
-            classes += _module_classes(mod)
-    return classes
-
-
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
-def _refused(path: Path, err: Exception) -> DecomposeError:
-    m = _UNSUPPORTED.search(str(err))
-    if m:
-        name = m.group(1)
-        mod = name.rsplit(".", 1)[0]
-        return DecomposeError(
-            f"{path} wants to build {name}, which is not on the safe-load allowlist; if you trust "
-            f"that code pass --allow {mod} (or --trust if you made this file yourself)")
-    first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-    return DecomposeError(f"{path} could not be loaded safely ({first}); pass --trust only if "
-                          "you made this file yourself")
+    checksum: str = "none"
 
 
 # -------------------------------------------------------------------------------- reading
-def _read(path: Path, allow: Iterable[str], trust: bool) -> Any:
-    if not path.exists():
-        raise DecomposeError(f"file not found: {path}; check the path")
-    if path.is_dir():
-        raise DecomposeError(f"{path} is a folder; give the model file inside it")
-    try:
-        if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(allowlist(allow)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except DecomposeError:
-        raise
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise _refused(path, e) from None
-        raise DecomposeError(f"{path} is not a PyTorch model file or is corrupt ({_short(e)}); "
-                             "save models with torch.save") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            AttributeError, TypeError) as e:
-        msg = str(e)
-        if "PytorchStreamReader" in msg or "zip archive" in msg or isinstance(e, EOFError):
-            raise DecomposeError(f"{path} is truncated or corrupt ({_short(e)}); "
-                                 "write the file again with torch.save") from None
-        if isinstance(e, PermissionError):
-            raise DecomposeError(f"cannot read {path}: permission denied; check its "
-                                 "permissions") from None
-        if isinstance(e, OSError):
-            raise DecomposeError(f"{path} is truncated or corrupt ({_short(e)}); "
-                                 "write the file again with torch.save") from None
-        raise DecomposeError(f"{path} is not a PyTorch model file or is corrupt ({_short(e)}); "
-                             "save models with torch.save") from None
-
-
-def _short(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text[:200]
+def _read(path: Path, allow: Iterable[str], trust: bool, allow_functions: Iterable[str] = (),
+          what: str = "model file") -> Any:
+    if trust:
+        return read_torch_file(path, trust=True, what=what)
+    return read_torch_file(path, classes=allowed_classes(allow),
+                           functions=allowed_functions(allow_functions), what=what)
 
 
 def parse_arch(spec: str) -> tuple[str, str, dict[str, Any]]:
@@ -178,17 +95,27 @@ def parse_arch(spec: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def build_arch(spec: str) -> nn.Module:
-    """Call the builder named by ``--arch`` and check that it returns an nn.Module."""
+    """Call the builder named by ``--arch`` and check that it returns an nn.Module.
+
+    ``--arch MODULE:FN(key=literal, ...)`` imports MODULE (running its code) and calls FN with the
+    literal keyword arguments: any callable of an importable module, so only name code you trust.
+    """
     mod_name, fn_name, kwargs = parse_arch(spec)
     mod = _import(mod_name, "--arch module")
     try:
         fn = getattr(mod, fn_name)
     except AttributeError:
         raise DecomposeError(f"--arch: module {mod_name} has no {fn_name!r}") from None
+    if not callable(fn):
+        raise DecomposeError(f"--arch: {mod_name}.{fn_name} is a {type(fn).__name__}, not a "
+                             "function that builds the model")
     try:
         model = fn(**kwargs)
     except DecomposeError:
         raise
+    except SystemExit as e:
+        raise DecomposeError(f"--arch {spec} called sys.exit({e.code}) instead of building the "
+                             "model; fix the builder") from None
     except Exception as e:
         raise DecomposeError(f"--arch {spec} failed to build the model ({type(e).__name__}: "
                              f"{_short(e)})") from None
@@ -197,16 +124,24 @@ def build_arch(spec: str) -> nn.Module:
     return model
 
 
+def _is_state_dict(obj: Any) -> bool:
+    return bool(obj) and isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def _find_state_dict(obj: dict) -> dict[str, torch.Tensor] | None:
-    if obj and all(isinstance(k, str) for k in obj) and all(
-            isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for key in STATE_DICT_KEYS:
-        inner = obj.get(key)
-        if isinstance(inner, dict):
-            found = _find_state_dict(inner)
-            if found is not None:
-                return found
+    """The state_dict in ``obj``: ``obj`` itself, or one under the usual wrapper keys (searched
+    breadth-first, a few levels deep, without recursion)."""
+    level = [obj]
+    for _ in range(8):
+        nxt = []
+        for d in level:
+            if _is_state_dict(d):
+                return d
+            nxt += [d[k] for k in STATE_DICT_KEYS if isinstance(d.get(k), dict)]
+        if not nxt:
+            return None
+        level = nxt
     return None
 
 
@@ -218,11 +153,23 @@ def _strip_prefix(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
     return sd
 
 
+def _dtype_kind(t: torch.Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "floating-point"
+    return "integer"
+
+
 def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> str | None:
-    """How ``sd`` differs from a model's own state_dict ``own`` (keys and shapes), or None."""
+    """How ``sd`` differs from a model's own state_dict ``own`` (keys, shapes and kinds of
+    dtype: a float tensor may load into a float of another width, never an integer one), or
+    None."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     bad_shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    bad_kind = [k for k in own if k in sd and k not in bad_shape
+                and _dtype_kind(sd[k]) != _dtype_kind(own[k])]
     parts = []
     if missing:
         parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
@@ -232,6 +179,10 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
         k = bad_shape[0]
         parts.append(f"{len(bad_shape)} shape mismatches (e.g. {k}: file "
                      f"{tuple(sd[k].shape)} vs model {tuple(own[k].shape)})")
+    if bad_kind:
+        k = bad_kind[0]
+        parts.append(f"{len(bad_kind)} dtype mismatches (e.g. {k}: file {sd[k].dtype} vs model "
+                     f"{own[k].dtype}; converting would change the values)")
     return "; ".join(parts) or None
 
 
@@ -242,6 +193,7 @@ def load_state_into(model: nn.Module, sd: dict[str, torch.Tensor], spec: str, pa
     # shipped CIFAR ResNets among them); it only matters for momentum=None, so keep the model's.
     sd = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in sd},
           **sd}
+    _check_tensors(sd.values(), path)
     mismatch = state_dict_mismatch(own, sd)
     if mismatch:
         raise DecomposeError(f"{path} does not match --arch {spec}: {mismatch}; "
@@ -249,57 +201,139 @@ def load_state_into(model: nn.Module, sd: dict[str, torch.Tensor], spec: str, pa
     model.load_state_dict(sd, strict=True)
 
 
-def load_model(path: str | os.PathLike, arch: str | None = None, allow: Iterable[str] = (),
-               trust: bool = False) -> Loaded:
-    """Read a model file safely.
+# -------------------------------------------------------------------------------- checks
+def _check_tensors(tensors: Iterable[Any], path: Path) -> None:
+    for t in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise DecomposeError(f"{path} holds a {type(t).__name__} where a tensor belongs; the "
+                                 "file is damaged or was not written by torch.save")
+        if t.is_meta or t.device.type != "cpu":
+            raise DecomposeError(f"{path} holds tensors without data (device {t.device}); save "
+                                 "the model with its weights")
+        if t.layout != torch.strided:
+            raise DecomposeError(f"{path} holds {t.layout} tensors as weights; save dense "
+                                 "weights")
 
-    Accepts a pickled ``nn.Module`` (``torch.save(model)``), a file written by decompose, or a
-    checkpoint / state_dict together with ``arch`` (``module:function`` that builds the model;
-    ``state_dict`` and similar wrapper keys and a ``module.`` prefix are handled; CUDA tensors are
-    loaded on the CPU).
 
-    Args:
-        path: the file.
-        arch: builder for checkpoints, e.g. ``"decompose.models.cifar_resnet:resnet20"``.
-        allow: extra modules (``"pkg.mod"``) or classes (``"pkg.mod:Class"``) the safe loader may
-            rebuild. The module of ``arch`` is allowed too.
-        trust: use the full unpickler (runs code from the file). Default False.
-    """
-    p = Path(path)
-    allow = list(allow)
-    if arch:
-        allow.append(parse_arch(arch)[0])
-    obj = _read(p, allow, trust)
-    if isinstance(obj, nn.Module):
-        return Loaded(obj, p, {}, "module")
-    if isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("model"), nn.Module):
-        version = obj.get("version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise DecomposeError(f"{p} was written by a newer decompose (format version "
-                                 f"{version!r}, this one reads up to {FORMAT_VERSION}); upgrade "
-                                 "decompose to load it")
-        model = obj["model"]
-        if version < 2:
-            model = upgrade_legacy_layers(model)
-        return Loaded(model, p, dict(obj.get("meta") or {}), "decomposed")
-    if isinstance(obj, dict):
-        sd = _find_state_dict(obj)
-        if sd is None:
-            for key in STATE_DICT_KEYS:
-                if isinstance(obj.get(key), nn.Module):
-                    return Loaded(obj[key], p, {}, "module")
-            raise DecomposeError(f"{p} holds a dict with keys {sorted(map(str, obj))[:6]} but no "
-                                 "model or state_dict; save the model with torch.save(model)")
-        if not arch:
-            raise DecomposeError(f"{p} is a checkpoint (weights only, no architecture); pass "
-                                 "--arch module:function that builds the model, e.g. --arch "
-                                 "decompose.models.cifar_resnet:resnet20")
-        model = build_arch(arch)
-        load_state_into(model, sd, arch, p)
-        meta = {"arch": arch}
-        return Loaded(model, p, meta, "checkpoint")
-    raise DecomposeError(f"{p} holds a {type(obj).__name__}, not a model; save the model with "
-                         "torch.save(model) or its state_dict with --arch")
+def check_module(model: nn.Module, path: Path) -> None:
+    """Refuse a module tree that is too deep to use (over :data:`MAX_MODULE_DEPTH` levels),
+    holds something other than modules as children, or tensors without data as weights."""
+    seen: set[int] = set()
+    stack: list[tuple[nn.Module, int]] = [(model, 0)]
+    while stack:
+        m, depth = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if depth > MAX_MODULE_DEPTH:
+            raise DecomposeError(f"{path} holds modules nested more than {MAX_MODULE_DEPTH} "
+                                 "levels deep; refused (no real model is)")
+        d = m.__dict__
+        for key in ("_modules", "_parameters", "_buffers"):
+            if not isinstance(d.get(key), dict):
+                raise DecomposeError(f"{path} holds a broken {type(m).__name__} (no {key}); the "
+                                     "file is damaged")
+        for child in d["_modules"].values():
+            if child is None:
+                continue
+            if not isinstance(child, nn.Module):
+                raise DecomposeError(f"{path} holds a {type(child).__name__} among the layers "
+                                     f"of a {type(m).__name__}; the file is damaged")
+            stack.append((child, depth + 1))
+        _check_tensors(d["_parameters"].values(), path)
+        _check_tensors(d["_buffers"].values(), path)
+
+
+def _json_like(value: Any, path: Path) -> None:
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    nodes = 0
+    while stack:
+        v, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_META_DEPTH or nodes > 1_000_000:
+            raise DecomposeError(f"{path} has malformed metadata (nested too deeply or too "
+                                 "large); write the file again with decompose")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise DecomposeError(f"{path} has malformed metadata (a {type(k).__name__} "
+                                         "key); write the file again with decompose")
+                stack.append((x, depth + 1))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, depth + 1) for x in v)
+        elif not (v is None or isinstance(v, (str, int, float, bool))):
+            raise DecomposeError(f"{path} has malformed metadata (a {type(v).__name__} value); "
+                                 "write the file again with decompose")
+
+
+def valid_shape(shape: Any) -> bool:
+    """A sample shape: 1 to 5 positive integers, each at most :data:`MAX_SHAPE_SIDE`."""
+    return (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 5
+            and all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SHAPE_SIDE
+                    for s in shape))
+
+
+def check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """The metadata of a decompose file, checked: a dict of JSON-like values whose known
+    fields have their types (``input_shape``, ``layers``, ``source``, ``arch``, ``config``)."""
+    if not isinstance(meta, dict):
+        raise DecomposeError(f"{path} has malformed metadata (a {type(meta).__name__}, not a "
+                             "dict); write the file again with decompose")
+    _json_like(meta, path)
+    problems = []
+    if "input_shape" in meta and meta["input_shape"] is not None \
+            and not valid_shape(meta["input_shape"]):
+        problems.append("input_shape is not a list of positive integers")
+    if "layers" in meta and not (isinstance(meta["layers"], list)
+                                 and all(isinstance(x, dict) for x in meta["layers"])):
+        problems.append("layers is not a list of records")
+    for key in ("source", "arch"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            problems.append(f"{key} is not text")
+    for key in ("config", "totals"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            problems.append(f"{key} is not a record")
+    if problems:
+        raise DecomposeError(f"{path} has malformed metadata ({'; '.join(problems)}); write the "
+                             "file again with decompose")
+    return dict(meta)
+
+
+def _decompose_file(obj: dict, p: Path) -> Loaded:
+    version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DecomposeError(f"{p} is a decompose file with a malformed format version "
+                             f"({str(version)[:20]!r}); write it again with decompose")
+    if version > FORMAT_VERSION:
+        raise DecomposeError(f"{p} was written by a newer decompose (file format {version}; this "
+                             f"one reads up to {FORMAT_VERSION}); upgrade decompose to read it")
+    model = obj.get("model")
+    if not isinstance(model, nn.Module):
+        raise DecomposeError(f"{p} is a decompose file without a model (it holds a "
+                             f"{type(model).__name__}); write it again with decompose")
+    meta = check_meta(obj.get("meta") or {}, p)
+    check_module(model, p)
+    checksum = obj.get("checksum")
+    status = "unverified"
+    if checksum is not None:
+        if not (isinstance(checksum, dict) and checksum.get("algorithm") == ALGORITHM
+                and isinstance(checksum.get("digest"), str)):
+            raise DecomposeError(f"{p} has a malformed checksum record; the file is damaged, "
+                                 "write it again with decompose")
+        try:
+            digest = model_digest(model, meta)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise DecomposeError(f"{p} cannot be checked ({_short(e)}); the file is "
+                                 "damaged") from None
+        if digest != checksum["digest"]:
+            raise DecomposeError(f"{p} is corrupt: its weights do not match the checksum stored "
+                                 "with them; write the file again with decompose")
+        status = "verified"
+    if version < 2:
+        model = upgrade_legacy_layers(model)
+    return Loaded(model, p, meta, "decomposed", status)
 
 
 def upgrade_legacy_layers(model: nn.Module) -> nn.Module:
@@ -317,6 +351,69 @@ def upgrade_legacy_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+def load_model(path: str | os.PathLike, arch: str | None = None, allow: Iterable[str] = (),
+               trust: bool = False, allow_functions: Iterable[str] = ()) -> Loaded:
+    """Read a model file safely.
+
+    Accepts a pickled ``nn.Module`` (``torch.save(model)``), a file written by decompose, or a
+    checkpoint / state_dict together with ``arch`` (``module:function`` that builds the model;
+    ``state_dict`` and similar wrapper keys and a ``module.`` prefix are handled; CUDA tensors are
+    loaded on the CPU).
+
+    Args:
+        path: the file.
+        arch: builder for checkpoints, e.g. ``"decompose.models.cifar_resnet:resnet20"``: the
+            module is imported and the callable called with the literal keyword arguments given
+            (``module:fn(depth=56)``), so name only code you trust.
+        allow: extra modules (``"pkg.mod"``: its nn.Module classes) or classes
+            (``"pkg.mod:Class"``) the safe loader may rebuild. The module of ``arch`` is
+            allowed too. Classes only; see ``allow_functions``.
+        trust: use the full unpickler (runs code from the file). Default False.
+        allow_functions: callables (``"pkg.mod:function"``) the file may call while loading;
+            only for files whose author you trust.
+
+    Raises:
+        DecomposeError: one line, for every file that cannot be used (see docs/reliability.md).
+    """
+    p = Path(os.fspath(path))
+    allow = list(allow)
+    if arch:
+        allow.append(parse_arch(arch)[0])
+    obj = _read(p, allow, trust, allow_functions)
+    try:
+        return _interpret(obj, p, arch)
+    except RecursionError:
+        raise DecomposeError(f"{p} is nested too deeply to be a model file; refused") from None
+
+
+def _interpret(obj: Any, p: Path, arch: str | None) -> Loaded:
+    if isinstance(obj, nn.Module):
+        check_module(obj, p)
+        return Loaded(obj, p, {}, "module")
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _decompose_file(obj, p)
+    if isinstance(obj, dict):
+        sd = _find_state_dict(obj)
+        if sd is None:
+            for key in STATE_DICT_KEYS:
+                if isinstance(obj.get(key), nn.Module):
+                    check_module(obj[key], p)
+                    return Loaded(obj[key], p, {}, "module")
+            keys = sorted(k if isinstance(k, str) else type(k).__name__ for k in obj)[:6]
+            raise DecomposeError(f"{p} holds a dict with keys {[k[:40] for k in keys]} but no "
+                                 "model or state_dict; save the model with torch.save(model)")
+        if not arch:
+            raise DecomposeError(f"{p} is a checkpoint (weights only, no architecture); pass "
+                                 "--arch module:function that builds the model, e.g. --arch "
+                                 "decompose.models.cifar_resnet:resnet20")
+        model = build_arch(arch)
+        load_state_into(model, sd, arch, p)
+        meta = {"arch": arch}
+        return Loaded(model, p, meta, "checkpoint")
+    raise DecomposeError(f"{p} holds a {type(obj).__name__}, not a model; save the model with "
+                         "torch.save(model) or its state_dict with --arch")
+
+
 def load(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load a model (see :func:`load_model` for the arguments) and return only the module."""
     return load_model(path, **kwargs).model
@@ -329,51 +426,44 @@ def default_output(path: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}.decomposed{p.suffix or '.pt'}")
 
 
-def check_writable(out: str | os.PathLike, force: bool = False) -> Path:
-    """Fail early (before any work) if ``out`` exists without ``force`` or cannot be written."""
-    o = Path(out)
-    if o.exists() and o.is_dir():
-        raise DecomposeError(f"output {o} is a folder; give a file name, e.g. {o / 'model.pt'}")
-    if o.exists() and not force:
-        raise DecomposeError(f"{o} exists; pass --force to overwrite it or choose --output")
-    parent = o.parent if str(o.parent) else Path(".")
-    if not parent.is_dir():
-        raise DecomposeError(f"output folder {parent} does not exist; create it or choose --output")
-    if not os.access(parent, os.W_OK):
-        raise DecomposeError(f"cannot write to folder {parent}; choose --output somewhere writable")
-    return o
+def check_writable(out: str | os.PathLike, force: bool = False,
+                   inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Fail early (before any work) if ``out`` may not be written: see
+    :func:`decompose.io.write.check_target`. Returns ``out``."""
+    check_target(out, force, inputs)
+    return Path(os.fspath(out))
 
 
-def atomic_write(out: str | os.PathLike, write: Any, force: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``out``."""
-    o = check_writable(out, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=o.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        if o.exists() and not force:  # appeared meanwhile
-            raise DecomposeError(f"{o} exists; pass --force to overwrite it or choose --output")
-        os.replace(tmp, o)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return o
+def serialize(obj: Any) -> bytes:
+    """``torch.save`` into memory (so that a full disk can only fail in the writer, where it is
+    a one-line error, never inside torch)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None,
                force: bool = False) -> Path:
-    """Write ``model`` (whole module) plus ``meta`` (JSON-like) atomically; see :func:`load_model`."""
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "model": model,
-               "meta": dict(meta or {})}
+    """Write ``model`` (whole module) plus ``meta`` (JSON-like) atomically, with a format version
+    and a checksum of its weights, structure and meta; see :func:`load_model`. The file is
+    serialised in memory first, then written by :func:`decompose.io.write.write_bytes`."""
+    check_target(path, force)
+    meta = dict(meta or {})
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "model": model, "meta": meta}
     try:
-        return atomic_write(path, lambda tmp: torch.save(payload, tmp), force)
-    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        payload["checksum"] = {"algorithm": ALGORITHM, "digest": model_digest(model, meta)}
+        data = serialize(payload)
+    except (pickle.PicklingError, AttributeError, TypeError, ValueError) as e:
         raise DecomposeError(f"cannot save this model ({_short(e)}); models with lambdas or local "
                              "classes cannot be pickled") from None
+    return write_bytes(path, data, force)
 
 
 def python_version() -> str:
     return ".".join(map(str, sys.version_info[:3]))
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "Loaded", "allowlist", "atomic_write", "build_arch",
+           "check_meta", "check_module", "check_writable", "default_output", "load",
+           "load_model", "load_state_into", "parse_arch", "save_model", "serialize",
+           "state_dict_mismatch", "valid_shape"]

@@ -53,6 +53,16 @@ def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
                              " check --resize/--crop and that the images suit this model") from None
 
 
+def check_finite(y: torch.Tensor, what: str) -> None:
+    """Refuse NaN or Inf in a model's output: a measurement made from them (accuracy, SQNR,
+    output error, a latency of a model that computes nothing useful) would be a number that
+    means nothing."""
+    if isinstance(y, torch.Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        bad = "NaN" if bool(torch.isnan(y).any()) else "Inf"
+        raise DecomposeError(f"the {what} model outputs {bad}, so no measurement of it means "
+                             "anything; check its weights and the preprocessing (--mean/--std)")
+
+
 class Batches(list):
     """Batches read into memory, with the ``dataset`` they came from (its ``classes`` and
     ``labels`` let :func:`decompose.measure.evaluate.evaluate` check the data against the model)."""
@@ -190,6 +200,8 @@ def measure_output_error(original: nn.Module, decomposed: nn.Module, layers: lis
             for x in xs:
                 y = _forward(original, x, "original").double()
                 y_hat = _forward(decomposed, x, "decomposed").double()
+                check_finite(y, "original")
+                check_finite(y_hat, "decomposed")
                 signal += float(y.pow(2).sum())
                 noise += float((y - y_hat).pow(2).sum())
                 images += len(x)
@@ -199,6 +211,11 @@ def measure_output_error(original: nn.Module, decomposed: nn.Module, layers: lis
     for lp in done:
         err, ref = sums[lp.name]
         lp.output_rel_error = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else None)
+    for lp in done:
+        v = lp.output_rel_error
+        if v is not None and not math.isfinite(v):
+            raise DecomposeError(f"layer {lp.name}'s output error is {v}: its decoupled form "
+                                 "computes NaN/Inf; check the model's weights")
     return {"sqnr_db": sqnr_db(signal, noise), "images": images, "input": "original network"}
 
 
@@ -276,6 +293,12 @@ def measure_latency(original: nn.Module, decomposed: nn.Module, layers: list[Lay
     timed = done if per_layer else []
     decomposed_cl = is_channels_last(decomposed)
     with eval_mode(original, decomposed):
+        with torch.inference_mode():  # a model that computes NaN is not timed as if it worked
+            for model, what in ((original, "original"), (decomposed, "decomposed")):
+                out = _forward(model, x, what)
+                for y in out if isinstance(out, (tuple, list)) else [out]:
+                    check_finite(y, what)
+            del out
         inputs = capture_inputs(original, [lp.name for lp in timed], x) if timed else {}
         jobs: list[LayerPlan | None] = [None, *timed]  # None: the whole model
         whole: dict[str, Any] = {}
@@ -354,6 +377,7 @@ def measure(report: Report, original: nn.Module, decomposed: nn.Module, *,
     return report
 
 
-__all__ = ["Batches", "accuracy_dict", "cache_batches", "capture_inputs", "check_input_shape",
+__all__ = ["Batches", "accuracy_dict", "cache_batches", "capture_inputs", "check_finite",
+           "check_input_shape",
            "eval_mode", "evaluate_model", "first_images", "latency_input", "measure",
            "measure_accuracy", "measure_latency", "measure_output_error", "sqnr_db"]

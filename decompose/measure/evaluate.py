@@ -84,7 +84,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
                 if n == 0:
                     _check_first_batch(model, x, dataset)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = _forward(model, x, first=(n == 0))
+                logits = _forward(model, x, first=(n == 0), at=n)
                 classes = logits.shape[1]
                 if n == 0:
                     _check_class_count(dataset, classes)
@@ -114,19 +114,34 @@ def _check_first_batch(model: nn.Module, x: torch.Tensor, dataset: Any) -> None:
                              "folder of class sub-folders or an .npz with y")
 
 
-def _forward(model: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
-    if not first:
-        return model(x)
+def _forward(model: nn.Module, x: torch.Tensor, first: bool, at: int = 0) -> torch.Tensor:
+    """``model(x)``: a failure, logits of the wrong shape or NaN/Inf logits are one-line errors
+    (accuracy computed from NaN logits would be a number that means nothing)."""
     try:
         logits = model(x)
-    except RuntimeError as e:
-        raise DecomposeError(
-            f"the model failed on a batch of shape {tuple(x.shape)} ({_first_line(e)}); check "
-            f"that the data's size and channels (resize, crop, grayscale) match the model") from e
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+    except DecomposeError:
+        raise
+    except (Exception, SystemExit) as e:
+        if first:
+            raise DecomposeError(
+                f"the model failed on a batch of shape {tuple(x.shape)} ({type(e).__name__}: "
+                f"{_first_line(e)}); check that the data's size and channels (resize, crop, "
+                "grayscale) match the model") from None
+        raise DecomposeError(f"the model failed on the batch of images {at}-{at + len(x) - 1} "
+                             f"({type(e).__name__}: {_first_line(e)}); check the model and "
+                             "those images") from None
+    if first and (not isinstance(logits, torch.Tensor) or logits.ndim != 2):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise DecomposeError(f"the model returned {shape}, not logits of shape (batch, classes); "
                              f"evaluate a classifier")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise DecomposeError("the model returned logits of another shape on a later batch; "
+                             "evaluate a classifier")
+    if not bool(torch.isfinite(logits).all()):
+        bad = "NaN" if bool(torch.isnan(logits).any()) else "Inf"
+        raise DecomposeError(f"the model outputs {bad} on the images {at}-{at + len(x) - 1}, so "
+                             "its accuracy would be meaningless; check the model's weights and "
+                             "the preprocessing (--mean/--std)")
     return logits
 
 

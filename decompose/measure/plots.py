@@ -7,22 +7,47 @@
 * ``sweep.png``: top-1 against the MACs ratio (left) and measured speed-up against the MACs ratio
   (right, with the speed-up fewer multiply-adds alone would promise as a dashed line).
 
-Figures are written with the non-interactive Agg backend; nothing is shown on screen.
+Figures are written with the non-interactive Agg backend; nothing is shown on screen. Each is
+rendered in memory and written by :func:`decompose.io.write.write_bytes` (atomic; an existing
+figure is only replaced with ``force``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import DecomposeError
+from ..io.write import check_target, write_bytes
 from ..kernels.nd import ORDER_NAMES, energy_curve, error_curve, singular_values
 from ..report import Report
 
 LEGEND_MAX = 12  # more layers than this: a colour bar by depth instead of a legend
+REPORT_FIGURES = ("spectra.png", "kernel_error.png")
+SWEEP_FIGURE = "sweep.png"
+
+
+def check_plot_targets(out_dir: str | os.PathLike, names: Iterable[str], force: bool = False
+                       ) -> None:
+    """Fail before any work when ``--plot DIR`` is not a folder, or a figure there exists
+    without ``force`` (or is not a regular file)."""
+    d = Path(os.fspath(out_dir))
+    if os.path.lexists(d) and not d.is_dir():
+        raise DecomposeError(f"--plot {d} is not a folder; pass a folder path")
+    if d.is_dir():
+        for name in names:
+            check_target(d / name, force, what="figure")
+
+
+def _save(fig: Any, path: Path, force: bool) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
+    return write_bytes(path, buf.getvalue(), force, what="figure")
 
 
 def require_matplotlib():
@@ -57,7 +82,7 @@ def _layer_colours(plt, n: int):
 
 
 def _curve_figure(plt, curves: dict, chosen: dict[str, tuple[str, int]], key: str, ylabel: str,
-                  title: str, path: Path) -> Path:
+                  title: str, path: Path, force: bool = False) -> Path:
     names = list(curves)
     colours = _layer_colours(plt, len(names))
     fig, axes = plt.subplots(1, len(ORDER_NAMES), figsize=(11, 4.4), sharey=True,
@@ -85,29 +110,33 @@ def _curve_figure(plt, curves: dict, chosen: dict[str, tuple[str, int]], key: st
         cbar.set_label(f"layer, in network order (1 = {names[0]}, {len(names)} = {names[-1]})",
                        fontsize=8)
     fig.suptitle(title + " — dot: the rank chosen (in the order chosen)", fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return _save(fig, path, force)
+    finally:
+        plt.close(fig)
 
 
-def plot_spectra(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path) -> Path:
+def plot_spectra(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path,
+                 force: bool = False) -> Path:
     """Energy kept (fraction of squared singular values) vs T per layer, both orders."""
     plt = require_matplotlib()
     return _curve_figure(plt, curves, chosen, "energy", "energy kept (fraction of sum s²)",
-                         "Singular-value spectra per layer", Path(path))
+                         "Singular-value spectra per layer", Path(path), force)
 
 
-def plot_kernel_error(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path
-                      ) -> Path:
+def plot_kernel_error(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path,
+                      force: bool = False) -> Path:
     """Relative kernel error vs T per layer, both orders."""
     plt = require_matplotlib()
     return _curve_figure(plt, curves, chosen, "error", "relative kernel error ||W-W_T||/||W||",
-                         "Kernel error vs rank per layer", Path(path))
+                         "Kernel error vs rank per layer", Path(path), force)
 
 
-def plot_report(report: Report, original: nn.Module, out_dir: str | Path) -> list[Path]:
+def plot_report(report: Report, original: nn.Module, out_dir: str | Path,
+                force: bool = False) -> list[Path]:
     """``spectra.png`` and ``kernel_error.png`` of the layers ``report`` decoupled, computed
-    from ``original`` (the model before decomposition). Returns the paths written."""
+    from ``original`` (the model before decomposition). Returns the paths written; an existing
+    figure is only replaced with ``force``."""
     require_matplotlib()
     out = _out_dir(out_dir)
     done = report.decomposed
@@ -115,12 +144,13 @@ def plot_report(report: Report, original: nn.Module, out_dir: str | Path) -> lis
         return []
     curves = layer_curves(original, [lp.name for lp in done])
     chosen = {lp.name: (lp.order, lp.rank) for lp in done}
-    return [plot_spectra(curves, chosen, out / "spectra.png"),
-            plot_kernel_error(curves, chosen, out / "kernel_error.png")]
+    return [plot_spectra(curves, chosen, out / REPORT_FIGURES[0], force),
+            plot_kernel_error(curves, chosen, out / REPORT_FIGURES[1], force)]
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path,
-               baseline_top1: float | None = None, title: str = "") -> Path:
+               baseline_top1: float | None = None, title: str = "",
+               force: bool = False) -> Path:
     """Top-1 vs MACs ratio and measured speed-up vs MACs ratio, one line per order/rule.
 
     ``rows``: sweep rows with ``macs_ratio``, ``top1`` (or None), ``speedup`` (or None),
@@ -185,13 +215,19 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path,
     ax2.set_title("speed-up vs multiply-adds (> 1 is faster)")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return _save(fig, path, force)
+    finally:
+        plt.close(fig)
+
+
+#: the files ``decompose compare --plot DIR`` writes
+COMPARE_FIGURES = ("compare_macs.png", "compare_latency.png")
 
 
 def plot_compare(rows: Sequence[dict[str, Any]], folder: str | Path,
-                 baseline: dict[str, Any] | None = None, title: str = "") -> list[Path]:
+                 baseline: dict[str, Any] | None = None, title: str = "",
+                 force: bool = False) -> list[Path]:
     """The Pareto figures of ``decompose compare``: ``compare_macs.png`` (top-1 vs MACs ratio)
     and ``compare_latency.png`` (top-1 vs measured latency), one colour per method, data-free
     points hollow and dashed, calibrated points filled; the original as a star.
@@ -206,9 +242,9 @@ def plot_compare(rows: Sequence[dict[str, Any]], folder: str | Path,
         if r.get("layers_decomposed") and r.get("top1") is not None:
             methods.setdefault(str(r.get("method")), []).append(r)
     paths = []
-    for name, xkey, xlabel in (("compare_macs.png", "macs_ratio",
+    for name, xkey, xlabel in ((COMPARE_FIGURES[0], "macs_ratio",
                                 "MACs ratio (factorized / original, whole model)"),
-                               ("compare_latency.png", "after_ms",
+                               (COMPARE_FIGURES[1], "after_ms",
                                 "measured latency (ms, whole model)")):
         fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
         for i, (method, rs) in enumerate(methods.items()):
@@ -232,10 +268,10 @@ def plot_compare(rows: Sequence[dict[str, Any]], folder: str | Path,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         ax.set_title(title or "accuracy against cost: up and to the left is better", fontsize=9)
-        path = out / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        try:
+            paths.append(_save(fig, out / name, force))
+        finally:
+            plt.close(fig)
     return paths
 
 
@@ -256,6 +292,6 @@ def _out_dir(d: str | Path) -> Path:
     return p
 
 
-__all__ = ["layer_curves", "plot_compare", "plot_kernel_error", "plot_report", "plot_spectra",
-           "plot_sweep",
-           "require_matplotlib"]
+__all__ = ["COMPARE_FIGURES", "REPORT_FIGURES", "SWEEP_FIGURE", "check_plot_targets",
+           "layer_curves", "plot_compare", "plot_kernel_error", "plot_report", "plot_spectra",
+           "plot_sweep", "require_matplotlib"]

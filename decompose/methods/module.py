@@ -35,7 +35,7 @@ class LowRankConv(nn.Sequential):
     """
 
     #: TorchScript compiles properties unless told not to; these are for Python callers.
-    __jit_unused_properties__ = ["weight", "bias"]
+    __jit_unused_properties__ = ["weight", "bias", "prefix"]
 
     def __init__(self, parts: OrderedDict[str, nn.Module], *, like: Any, method: str,
                  variant: str = "", rank: Any = 1, form: str = "plain") -> None:

@@ -127,7 +127,13 @@ def finetune(model: nn.Module, train_loader: Any, val_loader: Any, *,
         if ck is None:
             run.start(before_score, teacher_score)
         else:
-            run.restore(ck)
+            try:
+                run.restore(ck)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                    RuntimeError) as e:
+                raise DecomposeError(f"checkpoint {cfg.checkpoint} cannot be resumed (its "
+                                     f"{type(e).__name__}: {str(e)[:120]}); it is damaged, "
+                                     "start over with --force") from None
             del ck
         start_epoch = run.epoch
         with ckpt.StopFlag(active=cfg.checkpoint is not None) as stop:

@@ -2,8 +2,11 @@
 log, and the SIGINT/SIGTERM flag.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and tuples, so it reads back
-with ``torch.load(weights_only=True)``; it is serialised in memory and renamed into place, so a
-kill at any moment leaves the previous checkpoint intact.
+with the weights-only loader (:func:`decompose.io.safeload.read_torch_file`); it is serialised in
+memory and written by :func:`decompose.io.write.write_bytes` (atomic), so a kill at any moment
+leaves the previous checkpoint intact. It carries a sha256 checksum of its content
+(:func:`decompose.io.checksum.payload_digest`); a checkpoint whose content does not match is
+refused, one without a checksum (written before it existed) is read as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import torch
 from torch import nn
 
 from ...errors import DecomposeError
-from ...io.files import atomic_write, state_dict_mismatch
+from ...io.checksum import ALGORITHM, payload_digest
+from ...io.files import serialize, state_dict_mismatch
+from ...io.safeload import read_torch_file
+from ...io.write import write_bytes, write_text
 
 FORMAT = "decompose-finetune"
 VERSION = 1
@@ -60,28 +66,52 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------ files
 def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Serialise in memory, then write a temporary file and rename it over ``path``."""
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()), force=True)
+    """Serialise in memory (with a checksum), then write atomically over ``path`` (the run's
+    own checkpoint: replaced every epoch)."""
+    ck = {"format": FORMAT, "version": VERSION, **payload}
+    ck["checksum"] = {"algorithm": ALGORITHM, "digest": payload_digest(ck)}
+    write_bytes(path, serialize(ck), force=True, what="checkpoint")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a fine-tuning checkpoint with the weights-only unpickler."""
+    """Read a fine-tuning checkpoint with the weights-only loader and check its checksum."""
     p = Path(path)
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise DecomposeError(f"no checkpoint at {p} to resume; run without --resume to start, "
                              "or give the run's --checkpoint")
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a usable checkpoint"
-        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
-        raise DecomposeError(f"{p} is not a readable fine-tuning checkpoint ({first}); start "
-                             "over with --force") from None
+        ck = read_torch_file(p, what="checkpoint")
+    except DecomposeError as e:
+        raise DecomposeError(f"{e}; or start over with --force") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise DecomposeError(f"{p} is not a decompose fine-tuning checkpoint; give the "
                              "--checkpoint that an earlier 'decompose finetune' wrote")
+    version = ck.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DecomposeError(f"{p} has a malformed format version; start over with --force")
+    if version > VERSION:
+        raise DecomposeError(f"{p} was written by a newer decompose (checkpoint format "
+                             f"{version}; this one reads up to {VERSION}); upgrade decompose")
+    checksum = ck.get("checksum")
+    if checksum is not None:
+        ok = isinstance(checksum, dict) and checksum.get("algorithm") == ALGORITHM
+        try:
+            ok = ok and checksum.get("digest") == payload_digest(ck)
+        except (ValueError, RuntimeError, TypeError):
+            ok = False
+        if not ok:
+            raise DecomposeError(f"checkpoint {p} is corrupt: its content does not match the "
+                                 "checksum stored with it; start over with --force")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
+    if missing:
+        raise DecomposeError(f"checkpoint {p} lacks {', '.join(missing[:3])}; it is damaged or "
+                             "incomplete, start over with --force")
     return ck
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "partial", "world_size",
+                   "history", "best_top1", "best_epoch", "best_state", "before", "teacher",
+                   "rng", "config")
 
 
 def check_same_model(model: nn.Module, sd: dict[str, torch.Tensor], path: Any) -> None:
@@ -105,17 +135,18 @@ def check_same_settings(now: dict[str, Any], saved: dict[str, Any], may_change: 
 
 
 def write_log(path: str, records: list[dict[str, Any]], fields: Iterable[str]) -> None:
-    """The whole per-epoch log, rewritten atomically: JSON lines, or CSV for a ``.csv`` name."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            if str(path).lower().endswith(".csv"):
-                w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-                w.writeheader()
-                w.writerows(records)
-            else:
-                for r in records:
-                    f.write(json.dumps({k: r[k] for k in fields if k in r}) + "\n")
-    atomic_write(path, write, force=True)
+    """The whole per-epoch log, rewritten atomically (the run's own file: replaced every epoch,
+    so a resumed run's log is exactly its checkpoint's history): JSON lines, or CSV for a
+    ``.csv`` name."""
+    f = io.StringIO(newline="")
+    if str(path).lower().endswith(".csv"):
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(records)
+    else:
+        for r in records:
+            f.write(json.dumps({k: r[k] for k in fields if k in r}) + "\n")
+    write_text(path, f.getvalue(), force=True, what="log")
 
 
 # ------------------------------------------------------------------------------------ signals

@@ -99,6 +99,9 @@ class FinetuneConfig:
         integer("epochs", 1, "5")
         integer("batch_size", 1, "128")
         integer("seed", 0, "0")
+        if self.seed >= 2**32:
+            raise DecomposeError(f"seed must be below 2**32 = {2**32}, got {self.seed}; e.g. "
+                                 "--seed 0")
         integer("num_workers", 0, "2")
         integer("limit", 1, "5000", optional=True)
         integer("val_limit", 1, "1000", optional=True)

@@ -8,7 +8,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...errors import DecomposeError
 from ...io.files import check_writable, save_model
+from ...io.write import check_target
 from ...measure.evaluate import EvalResult, evaluate
 from ...progress import progress as _progress
 from . import _checkpoint as ckpt
@@ -89,23 +89,34 @@ def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, d: Dis
 
 def check_outputs(output: str | os.PathLike | None, config: FinetuneConfig, *,
                   force: bool = False, resume: bool = False) -> None:
-    """Fail before any work: an existing output without ``force``, a checkpoint of an earlier run
-    without ``resume`` or ``force``, nothing to resume. A resumed run may replace its own output."""
+    """Fail before any work: an existing output, checkpoint or log without ``force`` (a resumed
+    run may replace its own), two of them naming the same file, one of them naming an input of
+    the command (:func:`decompose.io.write.protect_inputs`, refused even with ``force``), a
+    checkpoint of an earlier run without ``resume`` or ``force``, nothing to resume."""
     own_output = None
     if resume:
         if config.checkpoint is None:
             raise DecomposeError("resuming needs the checkpoint; give --checkpoint PATH")
         own_output = ckpt.read_checkpoint(config.checkpoint).get("output")
+    named = [(what, p) for what, p in (("output", output), ("checkpoint", config.checkpoint),
+                                       ("log", config.log)) if p is not None]
+    for i, (what, p) in enumerate(named):
+        for other, q in named[:i]:
+            if os.path.realpath(p) == os.path.realpath(q):
+                raise DecomposeError(f"the {other} and the {what} are the same file ({p}); give "
+                                     "them different names")
     if output is not None:
-        mine = own_output is not None and Path(own_output).resolve() == Path(output).resolve()
+        mine = isinstance(own_output, str) and \
+            os.path.realpath(own_output) == os.path.realpath(output)
         check_writable(output, force=force or mine)
-    if not resume and config.checkpoint is not None and Path(config.checkpoint).exists() \
+    if not resume and config.checkpoint is not None and os.path.lexists(config.checkpoint) \
             and not force:
         raise DecomposeError(f"checkpoint {config.checkpoint} exists from an earlier run; pass "
                              "--resume to continue it or --force to start over")
-    for path in (config.checkpoint, config.log):
-        if path is not None:
-            check_writable(path, force=True)
+    if config.checkpoint is not None:
+        check_target(config.checkpoint, force=True, what="checkpoint")
+    if config.log is not None:
+        check_target(config.log, force=force or resume, what="log")
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -237,13 +248,19 @@ class _Run:
                         t_out = self.teacher(x)
                     loss = (1 - self.w) * loss + self.w * distillation_loss(out, t_out,
                                                                             cfg.temperature)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise DecomposeError(
+                        f"the training loss became {value} at epoch {epoch + 1}, batch "
+                        f"{self.step + 1}; lower --lr (now {cfg.lr:g}), or check the data and "
+                        "the model for NaN/Inf (the last checkpoint is intact)")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
                 n = y.numel()
-                sums[0] += loss.item() * n
+                sums[0] += value * n
                 sums[1] += (out.argmax(1) == y).sum().item()
                 sums[2] += n
                 bar.update(1)
