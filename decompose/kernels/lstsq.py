@@ -100,8 +100,8 @@ def ridge_solve(H: torch.Tensor, R: torch.Tensor, X0: torch.Tensor, ridge: float
 
 def objective(W: torch.Tensor, m: Moments) -> torch.Tensor:
     """``sum ||y - W [u; 1]||^2`` per group for ``W`` (g, Og, dim+1) (bias last)."""
-    quad = torch.einsum("goi,gij,goj->g", W, m.A, W)
-    lin = torch.einsum("goi,gio->g", W, m.B)
+    quad = ((W @ m.A) * W).sum((-1, -2))
+    lin = (W * m.B.mT).sum((-1, -2))
     return quad - 2 * lin + m.yy.sum(-1)
 
 

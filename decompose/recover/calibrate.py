@@ -254,7 +254,7 @@ def _objective(w: torch.Tensor, bias: torch.Tensor | None, m: lstsq.Moments) -> 
 
 
 def generic_refit(module: LowRankConv, m: lstsq.Moments, *, ridge: float, iterations: int,
-                  add_bias: bool, steps: int = 60) -> tuple[float, float]:
+                  add_bias: bool, steps: int = 30) -> tuple[float, float]:
     """The joint refit of any method: minimise ``sum ||y - W(theta) u - b||^2`` over every
     factor ``theta`` of the layer at once, where ``W(theta)`` is the kernel the method composes
     (:meth:`decompose.methods.base.Method.compose`, differentiable) and the sum is read from the
