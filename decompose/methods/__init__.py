@@ -3,7 +3,8 @@
 * :mod:`.base`: the :class:`Method` protocol and the :class:`Candidate` it offers the planner;
 * :mod:`.module`: :class:`LowRankConv`, the drop-in layer every method builds;
 * :mod:`.registry`: :func:`register`, :func:`get`, :func:`names`, :func:`resolve`;
-* one module (or package) per method, registered on import: :mod:`.nd` (Network Decoupling).
+* one module (or package) per method, registered on import: :mod:`.nd` (Network Decoupling),
+  :mod:`.cp` (CP, 3-way ``cp`` and one factor per spatial axis ``cp4``).
 
 The planner, budgets, calibration, reports, sweep, export and the CLI reach methods only
 through the registry; none of them names a method.
@@ -18,6 +19,7 @@ from .registry import AUTO, get, names, register, resolve
 
 # built-in methods: registered on import, as any other
 from . import nd  # noqa: E402,F401  isort: skip
+from . import cp  # noqa: E402,F401  isort: skip
 
 
 def helper_modules() -> tuple[type, ...]:
