@@ -75,7 +75,7 @@ L2_REG = 1e-3
 #: Most ALS work (multiply-adds, :func:`decompose.kernels.cp.sweep_cost`) for one layer's menu or
 #: fixed-rank fit; above it the sweeps shrink in proportion, down to :data:`MIN_SWEEPS`. No
 #: layer of the CIFAR ResNets comes near it (a 64x64x3x3 menu is about 3e9); a 512x512x3x3 one
-#: (VGG16) would need 1.4e12 and gets a few sweeps: CP at these ranks is that expensive.
+#: (VGG16) would need 1.6e12 and gets a few sweeps: CP at these ranks is that expensive.
 MAX_WORK = 6e10
 #: The fewest sweeps of the largest menu rank and of each smaller one when work is capped.
 MIN_SWEEPS = (2, 1)
@@ -291,9 +291,6 @@ class CPMethod(Method):
 
     def compose(self, module: LowRankConv) -> tuple[torch.Tensor, torch.Tensor | None]:
         return compose(module)
-
-    def describe_rank(self, rank) -> str:
-        return str(rank)
 
 
 @register
