@@ -4,7 +4,8 @@
 * :mod:`.module`: :class:`LowRankConv`, the drop-in layer every method builds;
 * :mod:`.registry`: :func:`register`, :func:`get`, :func:`names`, :func:`resolve`;
 * one module (or package) per method, registered on import: :mod:`.nd` (Network Decoupling),
-  :mod:`.tucker2` (Tucker-2), :mod:`.svd` (spatial and channel SVD).
+  :mod:`.cp` (CP, 3-way ``cp`` and one factor per spatial axis ``cp4``), :mod:`.tucker2`
+  (Tucker-2), :mod:`.svd` (spatial and channel SVD).
 
 The planner, budgets, calibration, reports, sweep, export and the CLI reach methods only
 through the registry; none of them names a method.
@@ -21,6 +22,7 @@ from .registry import AUTO, get, names, register, resolve
 
 # built-in methods: registered on import, as any other
 from . import nd  # noqa: E402,F401  isort: skip
+from . import cp  # noqa: E402,F401  isort: skip
 from . import tucker2  # noqa: E402,F401  isort: skip
 from . import svd  # noqa: E402,F401  isort: skip
 
