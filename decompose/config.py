@@ -24,8 +24,14 @@ BUDGETS = ("target_macs", "target_params", "target_latency")
 ALLOCATIONS = ("kernel", "output")
 
 
-def _versioned(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    """``d`` without its ``_type``/``_version`` keys, after checking them."""
+def versioned(obj: Any) -> dict[str, Any]:
+    """A config's fields as a dict, with ``_type`` and ``_version`` first."""
+    return {"_type": type(obj).__name__, "_version": obj.VERSION, **dataclasses.asdict(obj)}
+
+
+def read_versioned(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without its ``_type``/``_version`` keys, after checking them (a dict without them
+    is version 1 of ``cls``; a newer version or another type is refused)."""
     d = dict(d)
     kind, version = d.pop("_type", cls.__name__), d.pop("_version", 1)
     names = {cls.__name__, *getattr(cls, "ALIASES", ())}
@@ -223,7 +229,7 @@ class DecomposeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecomposeConfig:
-        d = _versioned(cls, d)
+        d = read_versioned(cls, d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -295,12 +301,11 @@ class CalibrationConfig:
             raise DecomposeError(f"add_bias must be True or False, got {self.add_bias!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"_type": type(self).__name__, "_version": self.VERSION,
-                **dataclasses.asdict(self)}
+        return versioned(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CalibrationConfig:
-        d = _versioned(cls, d)
+        d = read_versioned(cls, d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

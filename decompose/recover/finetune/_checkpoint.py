@@ -126,7 +126,7 @@ def check_same_model(model: nn.Module, sd: dict[str, torch.Tensor], path: Any) -
 def check_same_settings(now: dict[str, Any], saved: dict[str, Any], may_change: Iterable[str],
                         path: Any) -> None:
     """Raise when a setting outside ``may_change`` differs from the checkpoint's."""
-    free = set(may_change)
+    free = set(may_change) | {"_type", "_version"}  # checkpoints from before versioned configs
     diff = [k for k in now if k not in free and saved.get(k) != now[k]]
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ...config import read_versioned, versioned
 from ...errors import DecomposeError
 from ._train_form import FORMS as TRAIN_FORMS
 
@@ -79,6 +80,8 @@ class FinetuneConfig:
     checkpoint: str | None = None
     train_form: str = "auto"
 
+    VERSION = 1
+
     def __post_init__(self) -> None:
         def integer(name: str, low: int, example: str, optional: bool = False) -> None:
             v = getattr(self, name)
@@ -136,10 +139,11 @@ class FinetuneConfig:
         return float(self.kd_weight)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return versioned(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        d = read_versioned(cls, d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
