@@ -192,7 +192,7 @@ def figures(res: dict, fig_dir: Path) -> list[Path]:
     rows = [{"setting": f"T={r['rank']} {r['order']}", "rule": "rank", "order": r["order"],
              "macs_ratio": r["macs_ratio"], "top1": r["top1"], "speedup": r["speedup_plain"],
              "layers_decomposed": r["layers"]} for r in res["rows"]]
-    curves = layer_curves(res["model"], res["layers"])
+    curves = layer_curves(res["model"], res["layers"], INPUT_SHAPE)
     return [
         plot_sweep(rows, fig_dir / f"datafree_resnet{d}_sweep.png",
                    baseline_top1=res["baseline"]["top1"],

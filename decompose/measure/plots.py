@@ -24,7 +24,6 @@ from torch import nn
 
 from ..errors import DecomposeError
 from ..io.write import check_target, write_bytes
-from ..kernels.nd import ORDER_NAMES, energy_curve, error_curve, singular_values
 from ..report import Report
 
 LEGEND_MAX = 12  # more layers than this: a colour bar by depth instead of a legend
@@ -62,17 +61,33 @@ def require_matplotlib():
     return plt
 
 
-def layer_curves(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, dict[str, list]]]:
-    """``{layer: {order: {"energy": [...], "error": [...]}}}`` for the named convs of ``model``
-    (the original, undecomposed one), T = 1..full rank, both orders."""
+def layer_curves(model: nn.Module, names: Sequence[str], input_shape: Sequence[int],
+                 config: Any = None) -> dict[str, dict[str, dict[str, list]]]:
+    """``{layer: {candidate: {"cost": [...], "error": [...], "energy": [...] | None,
+    "ranks": [...]}}}``: every option the config's methods (default: Network Decoupling, both
+    orders) offer each named conv of ``model`` (the original, undecomposed one); ``cost`` is
+    the option's multiply-adds as a fraction of the layer's."""
+    from .. import methods as registry
+    from ..config import DecomposeConfig
+    from ..engine.trace import trace
+    from ..methods.convs import conv_macs
+
+    config = config or DecomposeConfig()
+    shapes = trace(model, tuple(input_shape))
+    methods = [registry.get(n) for n in config.methods]
     out: dict[str, dict[str, dict[str, list]]] = {}
     for name in names:
-        conv = model.get_submodule(name)
+        conv, call = model.get_submodule(name), shapes[name]
+        before = max(conv_macs(conv, call.out_shape), 1)
         out[name] = {}
-        for order in ORDER_NAMES:
-            s = singular_values(conv.weight, conv.groups, order)
-            out[name][order] = {"energy": energy_curve(s).tolist(),
-                                "error": error_curve(s).tolist()}
+        for m in methods:
+            if m.skip_reason(conv) is not None:
+                continue
+            variants = (config.order,) if config.order in m.variants else m.variants
+            for c in m.candidates(conv, call, variants=variants, seed=config.seed):
+                out[name][c.label] = {"cost": [x / before for x in c.macs],
+                                      "error": list(c.errors), "ranks": list(c.ranks),
+                                      "energy": list(c.energies) if c.energies else None}
     return out
 
 
@@ -81,71 +96,91 @@ def _layer_colours(plt, n: int):
     return [cmap(i / max(n - 1, 1)) for i in range(n)]
 
 
-def _curve_figure(plt, curves: dict, chosen: dict[str, tuple[str, int]], key: str, ylabel: str,
+def _curve_figure(plt, curves: dict, chosen: dict[str, tuple[str, Any]], key: str, ylabel: str,
                   title: str, path: Path, force: bool = False) -> Path:
     names = list(curves)
+    labels = sorted({lab for per in curves.values() for lab, c in per.items()
+                     if c.get(key) is not None})
     colours = _layer_colours(plt, len(names))
-    fig, axes = plt.subplots(1, len(ORDER_NAMES), figsize=(11, 4.4), sharey=True,
-                             layout="constrained")
-    for ax, order in zip(axes, ORDER_NAMES):
+    cols = min(len(labels), 4) or 1
+    rows = -(-len(labels) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, 3.8 * rows), sharey=True,
+                             layout="constrained", squeeze=False)
+    flat = [a for row in axes for a in row]
+    xkey = "cost" if key == "error" else "rank index"
+    for ax, label in zip(flat, labels):
         for name, colour in zip(names, colours):
-            ys = curves[name][order][key]
-            ts = list(range(1, len(ys) + 1))
-            ax.plot(ts, ys, color=colour, lw=1.2, alpha=0.85, label=name)
-            o, t = chosen.get(name, (None, None))
-            if o == order and t is not None and t <= len(ys):
-                ax.plot([t], [ys[t - 1]], "o", color=colour, ms=5, mec="black", mew=0.6)
-        ax.set_title(f"{order}" + (" (depthwise first)" if order == "dw-pw"
-                                   else " (pointwise first)"))
-        ax.set_xlabel("rank T (depthwise-separable terms kept)")
+            c = curves[name].get(label)
+            if not c or c.get(key) is None:
+                continue
+            ys = c[key]
+            xs = c["cost"] if key == "error" else list(range(1, len(ys) + 1))
+            ax.plot(xs, ys, color=colour, lw=1.2, alpha=0.85, marker=".", ms=3, label=name)
+            lab, rank = chosen.get(name, (None, None))
+            if lab == label and rank in c["ranks"]:
+                i = c["ranks"].index(rank)
+                ax.plot([xs[i]], [ys[i]], "o", color=colour, ms=6, mec="black", mew=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("multiply-adds, fraction of the layer's" if xkey == "cost"
+                      else "option (ranks in increasing cost)")
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0].set_ylabel(ylabel)
+    for ax in flat[len(labels):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel(ylabel)
     if len(names) <= LEGEND_MAX:
-        axes[-1].legend(fontsize=7, loc="best")
+        flat[max(len(labels) - 1, 0)].legend(fontsize=7, loc="best")
     else:
         sm = plt.cm.ScalarMappable(cmap="viridis",
                                    norm=plt.Normalize(vmin=1, vmax=len(names)))
-        cbar = fig.colorbar(sm, ax=list(axes), pad=0.01, aspect=30)
+        cbar = fig.colorbar(sm, ax=flat, pad=0.01, aspect=30)
         cbar.set_label(f"layer, in network order (1 = {names[0]}, {len(names)} = {names[-1]})",
                        fontsize=8)
-    fig.suptitle(title + " — dot: the rank chosen (in the order chosen)", fontsize=10)
+    fig.suptitle(title + " — dot: the option chosen", fontsize=10)
     try:
         return _save(fig, path, force)
     finally:
         plt.close(fig)
 
 
-def plot_spectra(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path,
+def plot_spectra(curves: dict, chosen: dict[str, tuple[str, Any]], path: str | Path,
                  force: bool = False) -> Path:
-    """Energy kept (fraction of squared singular values) vs T per layer, both orders."""
+    """Energy kept (fraction of squared singular values) per option, per layer and candidate
+    (methods with singular values)."""
     plt = require_matplotlib()
     return _curve_figure(plt, curves, chosen, "energy", "energy kept (fraction of sum s²)",
                          "Singular-value spectra per layer", Path(path), force)
 
 
-def plot_kernel_error(curves: dict, chosen: dict[str, tuple[str, int]], path: str | Path,
+def plot_kernel_error(curves: dict, chosen: dict[str, tuple[str, Any]], path: str | Path,
                       force: bool = False) -> Path:
-    """Relative kernel error vs T per layer, both orders."""
+    """Relative kernel error against multiply-adds, per layer and candidate."""
     plt = require_matplotlib()
-    return _curve_figure(plt, curves, chosen, "error", "relative kernel error ||W-W_T||/||W||",
-                         "Kernel error vs rank per layer", Path(path), force)
+    return _curve_figure(plt, curves, chosen, "error", "relative kernel error ||W-Ŵ||/||W||",
+                         "Kernel error against cost per layer", Path(path), force)
 
 
 def plot_report(report: Report, original: nn.Module, out_dir: str | Path,
                 force: bool = False) -> list[Path]:
-    """``spectra.png`` and ``kernel_error.png`` of the layers ``report`` decoupled, computed
-    from ``original`` (the model before decomposition). Returns the paths written; an existing
-    figure is only replaced with ``force``."""
+    """``spectra.png`` (methods with singular values) and ``kernel_error.png`` of the layers
+    ``report`` factorized, computed from ``original`` (the model before decomposition).
+    Returns the paths written; an existing figure is only replaced with ``force``."""
     require_matplotlib()
     out = _out_dir(out_dir)
     done = report.decomposed
     if not done:
         return []
-    curves = layer_curves(original, [lp.name for lp in done])
-    chosen = {lp.name: (lp.order, lp.rank) for lp in done}
-    return [plot_spectra(curves, chosen, out / REPORT_FIGURES[0], force),
-            plot_kernel_error(curves, chosen, out / REPORT_FIGURES[1], force)]
+    from ..config import DecomposeConfig
+    fields = {k: v for k, v in report.config.items() if k in ("method", "order", "seed")}
+    curves = layer_curves(original, [lp.name for lp in done], report.input_shape,
+                          DecomposeConfig(target_macs=0.5, **fields))
+    chosen = {lp.name: (f"{lp.method}/{lp.variant}" if lp.variant else lp.method, lp.rank)
+              for lp in done}
+    paths = []
+    if any(c.get("energy") is not None for per in curves.values() for c in per.values()):
+        paths.append(plot_spectra(curves, chosen, out / REPORT_FIGURES[0], force))
+    paths.append(plot_kernel_error(curves, chosen, out / REPORT_FIGURES[1], force))
+    return paths
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path,
