@@ -29,6 +29,17 @@ def versioned(obj: Any) -> dict[str, Any]:
     return {"_type": type(obj).__name__, "_version": obj.VERSION, **dataclasses.asdict(obj)}
 
 
+def read_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """The fields of ``cls`` in the dict ``d`` (checked with :func:`read_versioned`); an unknown
+    key is refused, naming the known ones (``what``: the config's name in the message)."""
+    d = read_versioned(cls, d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise DecomposeError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
+    return d
+
+
 def read_versioned(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     """``d`` without its ``_type``/``_version`` keys, after checking them (a dict without them
     is version 1 of ``cls``; a newer version or another type is refused)."""
@@ -225,16 +236,11 @@ class DecomposeConfig:
         d["include"] = list(self.include)
         d["exclude"] = list(self.exclude)
         d["input_shape"] = list(self.input_shape) if self.input_shape else None
-        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
+        return {**versioned(self), **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecomposeConfig:
-        d = read_versioned(cls, d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DecomposeError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
+        d = read_fields(cls, d, "config")
         if d.get("input_shape") is not None:
             d["input_shape"] = tuple(d["input_shape"])
         d["include"] = tuple(d.get("include") or ())
@@ -305,10 +311,4 @@ class CalibrationConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CalibrationConfig:
-        d = read_versioned(cls, d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DecomposeError(f"unknown calibration config keys {sorted(unknown)}; known: "
-                                 f"{sorted(known)}")
-        return cls(**d)
+        return cls(**read_fields(cls, d, "calibration config"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..config import CalibrationConfig
-from ..io.write import check_target, protect_inputs
+from ..io.write import protect_inputs
 from ..progress import quiet_progress
 from ._common import (
     BUILD_KEYS,
@@ -30,7 +30,7 @@ from ._measure import (
     make_loader_from,
     parse_list,
 )
-from .sweep import load_with_data
+from .sweep import check_table_outputs, load_with_data
 
 
 @click.command("compare")
@@ -86,14 +86,9 @@ def compare_cmd(model: str, **opts) -> None:
     build.pop("method")
     common = dict(include=tuple(opts["include"]), exclude=tuple(opts["exclude"]), **build)
     compare_configs(methods, targets, input_shape=shape, **common)  # validate before loading
+    from ..measure.plots import COMPARE_FIGURES
     inputs = (model, data_opts["data"], calib_opts["calib_dir"])
-    with protect_inputs(*inputs):  # fail before any work: outputs that may not be written
-        if opts["csv_path"]:
-            check_target(opts["csv_path"], opts["force"], what="--csv file")
-        if opts["plot_dir"]:
-            from ..measure.plots import COMPARE_FIGURES, check_plot_targets, require_matplotlib
-            require_matplotlib()
-            check_plot_targets(opts["plot_dir"], COMPARE_FIGURES, opts["force"])
+    check_table_outputs(opts, inputs, list(COMPARE_FIGURES))
     with quiet_progress(quiet), protect_inputs(*inputs):
         calib = calibration_batches_from(calib_opts, data_opts)
         loader = make_loader_from(data_opts)

@@ -43,6 +43,18 @@ def _orders(text: str) -> list[str]:
     return orders
 
 
+def check_table_outputs(opts: dict, inputs: tuple, figures: list[str]) -> None:
+    """Fail before any work when --csv or --plot's figures may not be written (an existing file
+    without --force, an input, a folder, a device...)."""
+    with protect_inputs(*inputs):
+        if opts["csv_path"]:
+            check_target(opts["csv_path"], opts["force"], what="--csv file")
+        if opts["plot_dir"]:
+            from ..measure.plots import check_plot_targets, require_matplotlib
+            require_matplotlib()
+            check_plot_targets(opts["plot_dir"], figures, opts["force"])
+
+
 def load_with_data(model: str, opts: dict, loader, shape, quiet: bool):
     """The model, its --data batches in memory, and the input shape (the data's when neither
     --input-shape nor the model says it): what sweep and compare measure with."""
@@ -136,14 +148,9 @@ def sweep_cmd(model: str, **opts) -> None:
         raise click.BadParameter("output errors are measured on calibration images: add "
                                  "--calibrate DIR", param_hint="--allocate")
     sweep_configs(ranks, energies, targets, orders, input_shape=shape, **common)  # validate
+    from ..measure.plots import SWEEP_FIGURE
     inputs = (model, data_opts["data"], calib_opts["calib_dir"])
-    with protect_inputs(*inputs):  # fail before any work: outputs that may not be written
-        if opts["csv_path"]:
-            check_target(opts["csv_path"], opts["force"], what="--csv file")
-        if opts["plot_dir"]:
-            from ..measure.plots import SWEEP_FIGURE, check_plot_targets, require_matplotlib
-            require_matplotlib()
-            check_plot_targets(opts["plot_dir"], [SWEEP_FIGURE], opts["force"])
+    check_table_outputs(opts, inputs, [SWEEP_FIGURE])
     with quiet_progress(quiet), protect_inputs(*inputs):
         calib = calibration_batches_from(calib_opts, data_opts)  # a bad folder fails now
         loader = make_loader_from(data_opts)

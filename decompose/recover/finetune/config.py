@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import read_versioned, versioned
+from ...config import read_fields, versioned
 from ...errors import DecomposeError
 from ._train_form import FORMS as TRAIN_FORMS
 
@@ -143,12 +142,6 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        d = read_versioned(cls, d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DecomposeError(f"unknown fine-tuning config keys {sorted(unknown)}; known: "
-                                 f"{sorted(known)}")
-        return cls(**d)
+        return cls(**read_fields(cls, d, "fine-tuning config"))
 
 
