@@ -35,7 +35,7 @@ from .engine.trace import infer_input_shape, macs_from_trace, param_count, trace
 from .errors import DecomposeError
 from .io.files import check_writable, default_output, load_model, save_model
 from .io.inputs import stat_input
-from .methods.convs import is_conv
+from .methods.convs import is_factorizable
 from .methods.module import is_lowrank
 from .planning.plan import FilterFn, make_plan
 from .planning.timing import LayerTimer
@@ -57,7 +57,7 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
     """What :func:`decompose_` would do, as a report; the model is not changed.
 
     Args:
-        model: any nn.Module with Conv1d/2d/3d layers.
+        model: any nn.Module with Conv1d/2d/3d (or ConvTranspose1d/2d/3d) layers.
         config: a :class:`DecomposeConfig`; keyword arguments (``rank=2``, ``method="cp"``,
             ...) build or override one.
         filter_fn: ``filter_fn(module, fqn) -> bool``; convs for which it is False stay as they are.
@@ -199,7 +199,7 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
     shape, _ = infer_input_shape(model, config.input_shape, meta)
     exact = config.rank == "full"
     ref = reference(model, shape, capture=tuple(n for n, m in model.named_modules()
-                                                 if is_conv(m)) if exact else ())
+                                                 if is_factorizable(m)) if exact else ())
     if config.channels_last:
         to_channels_last_(model)  # before planning: the planner times in the model's layout
     folded = fold_batchnorm_(model) if config.fold_bn else None

@@ -19,6 +19,8 @@ _OPTIONAL = ("form", "planned_output_error", "plan_ms_before", "plan_ms_after",
 class LayerPlan:
     """One convolution: what it was, what it becomes, and what that costs and keeps.
 
+    ``transposed`` marks a ConvTranspose1d/2d/3d (its ``kernel_shape`` is then
+    ``(C_in, C_out/groups, *k)``, torch's layout for it).
     ``skipped`` is None for a layer that is factorized, else the reason it is left as it is.
     ``method``/``variant``/``rank`` say how (``variant`` is ND's order, ``"dw-pw"`` or
     ``"pw-dw"``; ``""`` for methods without variants); ``max_rank`` is the method's exact rank.
@@ -52,6 +54,7 @@ class LayerPlan:
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
     latency_speedup: float | None = None
+    transposed: bool = False
 
     #: (candidate, option) the plan was made from, for building it; not part of the JSON.
     choice = None
@@ -201,7 +204,7 @@ def render_table(r: Report) -> str:
     rows = []
     for lp in r.layers:
         done = lp.skipped is None
-        row = [lp.name, "x".join(map(str, lp.kernel_shape))]
+        row = [lp.name, "x".join(map(str, lp.kernel_shape)) + (" T" if lp.transposed else "")]
         if has_method:
             row.append(lp.method or "-")
         row += [

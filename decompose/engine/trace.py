@@ -1,7 +1,9 @@
 """Counting what a model costs: parameters, multiply-adds (by forward hooks), layer shapes.
 
-Multiply-adds (MACs) count convolutions and linear layers, one per weight use per output
-element: ``out_channels * in_channels/groups * K * output_pixels`` for a conv. Biases,
+Multiply-adds (MACs) count convolutions (regular and transposed) and linear layers, one per
+weight use per output element: ``out_channels * in_channels/groups * K * output_pixels`` for a
+conv, ``in_channels * out_channels/groups * K * input_pixels`` for a transposed conv (every
+input element times every tap; see :func:`decompose.methods.convs.conv_macs`). Biases,
 normalisation, activations and pooling are not counted. They depend on the input size, so every
 count takes one sample's ``input_shape`` (no batch dimension) and runs one forward pass.
 
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import DecomposeError, first_line
-from ..methods.convs import CONV_TYPES, conv_macs, is_conv
+from ..methods.convs import CONV_TYPES, conv_macs, is_conv, is_factorizable
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Call:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     calls: int = 1
+    #: called with more than its input (e.g. a transposed conv's ``output_size``)
+    extra_args: bool = False
 
 
 def linear_macs(lin: nn.Linear, out_shape: tuple[int, ...]) -> int:
@@ -104,18 +108,21 @@ def _record(model: nn.Module, input_shape: tuple[int, ...], want) -> dict[str, C
     handles = []
 
     def hook(name: str):
-        def fn(mod, inputs, output):
+        def fn(mod, inputs, kwargs, output):
+            extra = len(inputs) > 1 or any(v is not None for v in kwargs.values())
             if name in seen:
                 seen[name].calls += 1
+                seen[name].extra_args |= extra
                 return
             x = inputs[0] if inputs else None
             seen[name] = Call(tuple(x.shape) if isinstance(x, torch.Tensor) else (),
-                              tuple(output.shape) if isinstance(output, torch.Tensor) else ())
+                              tuple(output.shape) if isinstance(output, torch.Tensor) else (),
+                              extra_args=extra)
         return fn
 
     for name, m in model.named_modules():
         if want(m):
-            handles.append(m.register_forward_hook(hook(name)))
+            handles.append(m.register_forward_hook(hook(name), with_kwargs=True))
     try:
         with eval_mode(model), torch.no_grad():
             model(example_input(model, input_shape))
@@ -126,7 +133,7 @@ def _record(model: nn.Module, input_shape: tuple[int, ...], want) -> dict[str, C
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...],
-          want=lambda m: is_conv(m) or isinstance(m, nn.Linear)) -> dict[str, Call]:
+          want=lambda m: is_factorizable(m) or isinstance(m, nn.Linear)) -> dict[str, Call]:
     """Run one sample through ``model`` and record the shapes each wanted module saw: on the
     meta device when the model runs there (no activations allocated), else for real on zeros
     (inputs up to :data:`REAL_TRACE_MAX_ELEMENTS` elements); see the module docs."""
@@ -167,7 +174,8 @@ def macs_from_trace(model: nn.Module, shapes: dict[str, Call]) -> int:
     total = 0
     for name, call in shapes.items():
         m = model.get_submodule(name)
-        one = conv_macs(m, call.out_shape) if is_conv(m) else linear_macs(m, call.out_shape)
+        one = (conv_macs(m, call.out_shape, call.in_shape) if is_factorizable(m)
+               else linear_macs(m, call.out_shape))
         total += one * call.calls
     return total
 
