@@ -28,7 +28,7 @@ from torch import nn
 from . import methods as registry
 from .config import CalibrationConfig, DecomposeConfig
 from .engine.check import check, reference
-from .engine.fold import fold_batchnorm_
+from .engine.fold import fold_bn_
 from .engine.layout import is_channels_last, to_channels_last_
 from .engine.surgery import replace_module
 from .engine.trace import infer_input_shape, macs_from_trace, param_count, trace
@@ -80,10 +80,10 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
         model = copy.deepcopy(model)  # plan what decompose_ would do: on a folded / cl copy
         if config.channels_last:
             to_channels_last_(model)
-    folded = fold_batchnorm_(model) if config.fold_bn else []
     shape, source = infer_input_shape(model, config.input_shape, meta)
     shapes = trace(model, shape)
     timing = None
+    folded = fold_bn_(model, shape) if config.fold_bn else None
     if config.timed:
         timing = LayerTimer(model, config, shape, timer=timer, latency_fn=latency_fn)
     layers = make_plan(model, config, shape, filter_fn, shapes, timing=timing,
@@ -93,8 +93,9 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
     saved = sum(lp.params_before - lp.params_after for lp in layers if lp.skipped is None)
     report = Report(layers, totals(layers, params, params - saved, macs_before),
                     config.to_dict(), shape, source)
-    if config.fold_bn:
-        report.folded_bn = [list(p) for p in folded]
+    if folded is not None:
+        report.folded_bn = [list(p) for p in folded.folded]
+        report.fold = folded.to_dict()
     if timing is not None:
         report.latency_plan = dict(timing.summary)
     return report
@@ -202,12 +203,13 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
                                                  if is_factorizable(m)) if exact else ())
     if config.channels_last:
         to_channels_last_(model)  # before planning: the planner times in the model's layout
-    folded = fold_batchnorm_(model) if config.fold_bn else None
+    folded = fold_bn_(model, shape) if config.fold_bn else None
     report = plan(model, dataclasses.replace(config, fold_bn=False), filter_fn=filter_fn,
                   meta=meta, timer=timer, latency_fn=latency_fn, error_curves=curves)
     report.config = config.to_dict()
     if folded is not None:
-        report.folded_bn = [list(p) for p in folded]
+        report.folded_bn = [list(p) for p in folded.folded]
+        report.fold = folded.to_dict()
         report.totals["params_before"] = params_given  # the model as given, BatchNorms included
     if curves is not None and calibration is not None:
         report.allocation = {"errors": "relative output error", "images": measured_on}
@@ -219,7 +221,7 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
         result = calibrate_(model, original, calibration, cal, progress=progress)
         report.calibration = result.to_dict()
         finalize_forms_(model, report)  # the forms the plan chose (exact)
-    if report.decomposed or folded:
+    if report.decomposed or (folded is not None and folded.folded):
         report.output_check = check(model, ref, exact=exact)
     return report
 
@@ -259,7 +261,7 @@ def measure_curves(original: nn.Module, config: DecomposeConfig, batches: list[A
     model = original
     if config.fold_bn:
         model = copy.deepcopy(original)
-        fold_batchnorm_(model)
+        fold_bn_(model, config.input_shape)
     return output_error_curves(model, batches, config=config, samples=samples)
 
 

@@ -116,6 +116,8 @@ class Report:
     output_error: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     folded_bn: list[list[str]] | None = None
+    fold: dict[str, Any] | None = None
+    baked_parametrizations: dict[str, list[str]] | None = None
     latency_plan: dict[str, Any] | None = None
     allocation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
@@ -135,8 +137,9 @@ class Report:
             "input_shape_source": self.input_shape_source,
             "output": self.output,
         }
-        for key in ("accuracy", "output_error", "latency", "folded_bn", "latency_plan",
-                    "allocation", "calibration", "already_decomposed", "output_check"):
+        for key in ("accuracy", "output_error", "latency", "folded_bn", "fold", "latency_plan",
+                    "allocation", "calibration", "already_decomposed", "output_check",
+                    "baked_parametrizations"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -262,6 +265,8 @@ def render_table(r: Report) -> str:
             lines.append(f"        the decomposed model computes channels_last; against the original "
                          f"laid out channels_last too ({lat['before_same_layout_ms']:.2f} ms) it is "
                          f"{_speed(lat['speedup_same_layout'])}: that part is decoupling's")
+    if r.fold is not None:
+        lines.append(_fold_line(r.fold))
     if r.output_check:
         c = r.output_check
         lines.append(f"checked the model runs: outputs {c['outputs']} on a random batch of "
@@ -280,6 +285,21 @@ def _speed(speedup: float) -> str:
     if speedup >= 1 or speedup <= 0:
         return f"{speedup:.2f}x faster"
     return f"{1 / speedup:.2f}x slower"
+def _fold_line(fold: dict[str, Any]) -> str:
+    """``--fold-bn``: how many BatchNorms were folded, how, and why the others were not."""
+    n, done, left = fold.get("bns", 0), fold.get("folded", []), fold.get("left", {})
+    if not n:
+        return "BN      --fold-bn: the model has no BatchNorm; nothing folded"
+    how = {"fx": "from the torch.fx graph",
+           "hooks": "from a forward pass with hooks, each fold checked on a random batch"}
+    line = f"BN      folded {len(done)} of {n} BatchNorms into their convs ({how.get(fold.get('how'), fold.get('how'))})"
+    if left:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(left.items())[:3])
+        more = f"; and {len(left) - 3} more (see the JSON)" if len(left) > 3 else ""
+        line += f"; left {len(left)}: {shown}{more}"
+    return line
+
+
 
 
 def _ratio(after: float, before: float) -> str:
