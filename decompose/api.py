@@ -30,6 +30,7 @@ from .config import CalibrationConfig, DecomposeConfig
 from .engine.check import check, reference
 from .engine.fold import fold_bn_
 from .engine.layout import is_channels_last, to_channels_last_
+from .engine.params import bake_parametrizations_, detach_hook_weights_
 from .engine.surgery import replace_module
 from .engine.trace import infer_input_shape, macs_from_trace, param_count, trace
 from .errors import DecomposeError
@@ -72,6 +73,7 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
             from its ``calibration`` images.
     """
     config = _resolve(config, kwargs)
+    detach_hook_weights_(model)  # an old weight_norm's weight with history cannot be copied
     if config.allocation == "output" and error_curves is None:
         raise DecomposeError("allocation 'output' needs calibration images: pass --calibrate DIR "
                              "(Python: decompose_(..., calibration=...), or plan/decompose_ with "
@@ -81,9 +83,9 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
         if config.channels_last:
             to_channels_last_(model)
     shape, source = infer_input_shape(model, config.input_shape, meta)
+    folded = fold_bn_(model, shape) if config.fold_bn else None
     shapes = trace(model, shape)
     timing = None
-    folded = fold_bn_(model, shape) if config.fold_bn else None
     if config.timed:
         timing = LayerTimer(model, config, shape, timer=timer, latency_fn=latency_fn)
     layers = make_plan(model, config, shape, filter_fn, shapes, timing=timing,
@@ -185,6 +187,7 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
         ('LowRankConv', ['conv_dw', 'conv_pw'], (1, 1))
     """
     config = _resolve(config, kwargs)
+    detach_hook_weights_(model)  # an old weight_norm's weight with history cannot be copied
     cal = calibration_config or CalibrationConfig()
     if calibration is not None and original is None:
         original = copy.deepcopy(model)
@@ -290,8 +293,19 @@ def save(model: nn.Module, path: str | os.PathLike, report: Report | None = None
          force: bool = False, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` in decompose's format (atomic, loadable by the safe loader), with the
     metadata of ``report`` (:func:`file_meta`) plus ``meta``; ``report.output`` is set.
-    ``decompose MODEL`` writes its files with this function."""
+    ``decompose MODEL`` writes its files with this function.
+
+    Weight parametrizations (``weight_norm`` and the like, e.g. on the convs a factorization
+    left original) cannot be pickled: they are baked into plain weights first, *in place* and
+    exactly (:func:`decompose.engine.params.bake_parametrizations_`; same outputs), and
+    ``report.baked_parametrizations`` and the file's metadata name the modules."""
+    check_writable(path, force)  # refuse before changing anything
+    baked = bake_parametrizations_(model)
+    if report is not None and baked:
+        report.baked_parametrizations = baked
     data = file_meta(report, source=source, arch=arch) if report is not None else {}
+    if baked:
+        data["baked_parametrizations"] = baked
     data.update(meta or {})
     out = save_model(model, path, data, force=force)
     if report is not None:
@@ -325,6 +339,7 @@ def decompose_file(model_path: str | os.PathLike, config: DecomposeConfig, *,
                         allow_functions=allow_functions)
     say(f"loaded {model_path} ({loaded.kind}, {type(loaded.model).__name__})")
     model = loaded.model
+    detach_hook_weights_(model)  # an old weight_norm's weight with history cannot be copied
     if data_shape is not None and config.input_shape is None:
         _, source = infer_input_shape(model, None, loaded.meta)
         if source == "default":

@@ -275,16 +275,16 @@ def render_table(r: Report) -> str:
     if r.allocation:
         lines.append(f"ranks   the budget minimised relative output errors measured on "
                      f"{r.allocation['images']} calibration images (--allocate output)")
+    if r.baked_parametrizations:
+        names = list(r.baked_parametrizations)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"baked   the weight parametrizations (weight_norm, ...) of {len(names)} "
+                     f"module(s) into plain weights before saving, exactly: {shown}")
     if r.output:
         lines.append(f"wrote   {r.output}")
     return "\n".join(lines)
 
 
-def _speed(speedup: float) -> str:
-    """'1.52x faster' or '1.25x slower' (never '0.80x faster')."""
-    if speedup >= 1 or speedup <= 0:
-        return f"{speedup:.2f}x faster"
-    return f"{1 / speedup:.2f}x slower"
 def _fold_line(fold: dict[str, Any]) -> str:
     """``--fold-bn``: how many BatchNorms were folded, how, and why the others were not."""
     n, done, left = fold.get("bns", 0), fold.get("folded", []), fold.get("left", {})
@@ -292,7 +292,8 @@ def _fold_line(fold: dict[str, Any]) -> str:
         return "BN      --fold-bn: the model has no BatchNorm; nothing folded"
     how = {"fx": "from the torch.fx graph",
            "hooks": "from a forward pass with hooks, each fold checked on a random batch"}
-    line = f"BN      folded {len(done)} of {n} BatchNorms into their convs ({how.get(fold.get('how'), fold.get('how'))})"
+    line = (f"BN      folded {len(done)} of {n} BatchNorms into their convs "
+            f"({how.get(fold.get('how'), fold.get('how'))})")
     if left:
         shown = "; ".join(f"{k}: {v}" for k, v in list(left.items())[:3])
         more = f"; and {len(left) - 3} more (see the JSON)" if len(left) > 3 else ""
@@ -300,6 +301,11 @@ def _fold_line(fold: dict[str, Any]) -> str:
     return line
 
 
+def _speed(speedup: float) -> str:
+    """'1.52x faster' or '1.25x slower' (never '0.80x faster')."""
+    if speedup >= 1 or speedup <= 0:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower"
 
 
 def _ratio(after: float, before: float) -> str:
