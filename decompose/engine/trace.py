@@ -282,7 +282,7 @@ def _probe(model: nn.Module, shape: tuple[int, ...]) -> BaseException | None:
         return None
     except Exception as e:  # noqa: BLE001 - a failure is the answer
         err: BaseException = e
-    if math.prod(shape) <= REAL_TRACE_MAX_ELEMENTS // 4:
+    if math.prod(shape) <= REAL_TRACE_MAX_ELEMENTS:
         try:
             _record(model, shape, lambda m: False)
             return None
