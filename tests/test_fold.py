@@ -311,3 +311,18 @@ def test_folding_after_decoupling_folds_into_the_last_conv_of_the_pair():
         last = "conv_pw" if order == "dw-pw" else "conv_dw"
         _check_exact(model, torch.randn(2, 4, 7, 7, generator=g), [(f"0.{last}", "1")],
                      RTOL_F32)
+
+
+def test_calibration_targets_the_bn_folded_by_hooks_in_an_untraceable_model():
+    """Calibration must find which BN was folded into which conv in an original fx cannot
+    trace: at full rank the folded layer then matches its target (conv, then BN) exactly."""
+    g = torch.Generator().manual_seed(9)
+    model = Untraceable().eval()
+    _randomise_bn(model.block[1], g)
+    x = torch.randn(32, 3, 6, 6, generator=g)
+    rep = decompose.decompose_(model, rank="full", fold_bn=True, input_shape=(3, 6, 6),
+                               calibration=[x], progress=False,
+                               calibration_config=decompose.CalibrationConfig(samples=32))
+    assert rep.fold["how"] == "hooks" and rep.folded_bn == [["block.0", "block.1"]]
+    (layer,) = rep.calibration["layers"]
+    assert layer["name"] == "block.0" and layer["error_before"] < 1e-3  # O(1) without the BN

@@ -165,17 +165,16 @@ class _Layer:
     # nn.Identity
 
 
-def _folded_bns(model: nn.Module, original: nn.Module, example: torch.Tensor
-                ) -> dict[str, str]:
+def _folded_bns(model: nn.Module, original: nn.Module, example: Any) -> dict[str, str]:
     """conv name -> BN name for BNs folded into convs of ``model`` (Identity there, BN in
-    ``original``); ``example``: an input batch, for an original fx cannot trace."""
+    ``original``); ``example()``: an input batch, for an original fx cannot trace."""
     maybe = any(isinstance(m, nn.Identity)
                 and isinstance(_submodule(original, n), nn.modules.batchnorm._BatchNorm)
                 for n, m in model.named_modules())
     if not maybe:
         return {}
     from ..engine.fold import find_conv_bn_pairs
-    return {c: b for c, b in find_conv_bn_pairs(original, example=example)
+    return {c: b for c, b in find_conv_bn_pairs(original, example=example())
             if isinstance(_submodule(model, b), nn.Identity)}
 
 
@@ -396,7 +395,8 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any],
                              "decompose.api.plain_forms_(model), then calibrate")
     t0 = time.perf_counter()
     inputs = _Inputs(batches, samples)
-    folded = _folded_bns(model, original, next(iter(inputs))[:2].to(_device(original)))
+    folded = _folded_bns(model, original,
+                         lambda: next(iter(inputs))[:2].to(_device(original)))
     layers = [_match(n, model.get_submodule(n), original, folded) for n in names]
     dev_m, dev_o = _device(model), _device(original)
     results: list[LayerCalibration] = []
