@@ -28,14 +28,15 @@ from torch import nn
 from . import methods as registry
 from .config import CalibrationConfig, DecomposeConfig
 from .engine.check import check, reference
-from .engine.fold import fold_batchnorm_
+from .engine.fold import fold_bn_
 from .engine.layout import is_channels_last, to_channels_last_
+from .engine.params import bake_parametrizations_, detach_hook_weights_
 from .engine.surgery import replace_module
 from .engine.trace import infer_input_shape, macs_from_trace, param_count, trace
 from .errors import DecomposeError
 from .io.files import check_writable, default_output, load_model, save_model
 from .io.inputs import stat_input
-from .methods.convs import is_conv
+from .methods.convs import is_factorizable
 from .methods.module import is_lowrank
 from .planning.plan import FilterFn, make_plan
 from .planning.timing import LayerTimer
@@ -57,7 +58,7 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
     """What :func:`decompose_` would do, as a report; the model is not changed.
 
     Args:
-        model: any nn.Module with Conv1d/2d/3d layers.
+        model: any nn.Module with Conv1d/2d/3d (or ConvTranspose1d/2d/3d) layers.
         config: a :class:`DecomposeConfig`; keyword arguments (``rank=2``, ``method="cp"``,
             ...) build or override one.
         filter_fn: ``filter_fn(module, fqn) -> bool``; convs for which it is False stay as they are.
@@ -72,6 +73,7 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
             from its ``calibration`` images.
     """
     config = _resolve(config, kwargs)
+    detach_hook_weights_(model)  # an old weight_norm's weight with history cannot be copied
     if config.allocation == "output" and error_curves is None:
         raise DecomposeError("allocation 'output' needs calibration images: pass --calibrate DIR "
                              "(Python: decompose_(..., calibration=...), or plan/decompose_ with "
@@ -80,8 +82,8 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
         model = copy.deepcopy(model)  # plan what decompose_ would do: on a folded / cl copy
         if config.channels_last:
             to_channels_last_(model)
-    folded = fold_batchnorm_(model) if config.fold_bn else []
     shape, source = infer_input_shape(model, config.input_shape, meta)
+    folded = fold_bn_(model, shape) if config.fold_bn else None
     shapes = trace(model, shape)
     timing = None
     if config.timed:
@@ -93,8 +95,9 @@ def plan(model: nn.Module, config: DecomposeConfig | None = None, *,
     saved = sum(lp.params_before - lp.params_after for lp in layers if lp.skipped is None)
     report = Report(layers, totals(layers, params, params - saved, macs_before),
                     config.to_dict(), shape, source)
-    if config.fold_bn:
-        report.folded_bn = [list(p) for p in folded]
+    if folded is not None:
+        report.folded_bn = [list(p) for p in folded.folded]
+        report.fold = folded.to_dict()
     if timing is not None:
         report.latency_plan = dict(timing.summary)
     return report
@@ -184,6 +187,7 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
         ('LowRankConv', ['conv_dw', 'conv_pw'], (1, 1))
     """
     config = _resolve(config, kwargs)
+    detach_hook_weights_(model)  # an old weight_norm's weight with history cannot be copied
     cal = calibration_config or CalibrationConfig()
     if calibration is not None and original is None:
         original = copy.deepcopy(model)
@@ -199,15 +203,16 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
     shape, _ = infer_input_shape(model, config.input_shape, meta)
     exact = config.rank == "full"
     ref = reference(model, shape, capture=tuple(n for n, m in model.named_modules()
-                                                 if is_conv(m)) if exact else ())
+                                                 if is_factorizable(m)) if exact else ())
     if config.channels_last:
         to_channels_last_(model)  # before planning: the planner times in the model's layout
-    folded = fold_batchnorm_(model) if config.fold_bn else None
+    folded = fold_bn_(model, shape) if config.fold_bn else None
     report = plan(model, dataclasses.replace(config, fold_bn=False), filter_fn=filter_fn,
                   meta=meta, timer=timer, latency_fn=latency_fn, error_curves=curves)
     report.config = config.to_dict()
     if folded is not None:
-        report.folded_bn = [list(p) for p in folded]
+        report.folded_bn = [list(p) for p in folded.folded]
+        report.fold = folded.to_dict()
         report.totals["params_before"] = params_given  # the model as given, BatchNorms included
     if curves is not None and calibration is not None:
         report.allocation = {"errors": "relative output error", "images": measured_on}
@@ -219,7 +224,7 @@ def decompose_(model: nn.Module, config: DecomposeConfig | None = None, *,
         result = calibrate_(model, original, calibration, cal, progress=progress)
         report.calibration = result.to_dict()
         finalize_forms_(model, report)  # the forms the plan chose (exact)
-    if report.decomposed or folded:
+    if report.decomposed or (folded is not None and folded.folded):
         report.output_check = check(model, ref, exact=exact)
     return report
 
@@ -259,7 +264,7 @@ def measure_curves(original: nn.Module, config: DecomposeConfig, batches: list[A
     model = original
     if config.fold_bn:
         model = copy.deepcopy(original)
-        fold_batchnorm_(model)
+        fold_bn_(model, config.input_shape)
     return output_error_curves(model, batches, config=config, samples=samples)
 
 
@@ -288,8 +293,19 @@ def save(model: nn.Module, path: str | os.PathLike, report: Report | None = None
          force: bool = False, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` in decompose's format (atomic, loadable by the safe loader), with the
     metadata of ``report`` (:func:`file_meta`) plus ``meta``; ``report.output`` is set.
-    ``decompose MODEL`` writes its files with this function."""
+    ``decompose MODEL`` writes its files with this function.
+
+    Weight parametrizations (``weight_norm`` and the like, e.g. on the convs a factorization
+    left original) cannot be pickled: they are baked into plain weights first, *in place* and
+    exactly (:func:`decompose.engine.params.bake_parametrizations_`; same outputs), and
+    ``report.baked_parametrizations`` and the file's metadata name the modules."""
+    check_writable(path, force)  # refuse before changing anything
+    baked = bake_parametrizations_(model)
+    if report is not None and baked:
+        report.baked_parametrizations = baked
     data = file_meta(report, source=source, arch=arch) if report is not None else {}
+    if baked:
+        data["baked_parametrizations"] = baked
     data.update(meta or {})
     out = save_model(model, path, data, force=force)
     if report is not None:
@@ -323,6 +339,7 @@ def decompose_file(model_path: str | os.PathLike, config: DecomposeConfig, *,
                         allow_functions=allow_functions)
     say(f"loaded {model_path} ({loaded.kind}, {type(loaded.model).__name__})")
     model = loaded.model
+    detach_hook_weights_(model)  # an old weight_norm's weight with history cannot be copied
     if data_shape is not None and config.input_shape is None:
         _, source = infer_input_shape(model, None, loaded.meta)
         if source == "default":

@@ -19,6 +19,8 @@ _OPTIONAL = ("form", "planned_output_error", "plan_ms_before", "plan_ms_after",
 class LayerPlan:
     """One convolution: what it was, what it becomes, and what that costs and keeps.
 
+    ``transposed`` marks a ConvTranspose1d/2d/3d (its ``kernel_shape`` is then
+    ``(C_in, C_out/groups, *k)``, torch's layout for it).
     ``skipped`` is None for a layer that is factorized, else the reason it is left as it is.
     ``method``/``variant``/``rank`` say how (``variant`` is ND's order, ``"dw-pw"`` or
     ``"pw-dw"``; ``""`` for methods without variants); ``max_rank`` is the method's exact rank.
@@ -52,6 +54,7 @@ class LayerPlan:
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
     latency_speedup: float | None = None
+    transposed: bool = False
 
     #: (candidate, option) the plan was made from, for building it; not part of the JSON.
     choice = None
@@ -113,6 +116,8 @@ class Report:
     output_error: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     folded_bn: list[list[str]] | None = None
+    fold: dict[str, Any] | None = None
+    baked_parametrizations: dict[str, list[str]] | None = None
     latency_plan: dict[str, Any] | None = None
     allocation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
@@ -132,8 +137,9 @@ class Report:
             "input_shape_source": self.input_shape_source,
             "output": self.output,
         }
-        for key in ("accuracy", "output_error", "latency", "folded_bn", "latency_plan",
-                    "allocation", "calibration", "already_decomposed", "output_check"):
+        for key in ("accuracy", "output_error", "latency", "folded_bn", "fold", "latency_plan",
+                    "allocation", "calibration", "already_decomposed", "output_check",
+                    "baked_parametrizations"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -201,7 +207,7 @@ def render_table(r: Report) -> str:
     rows = []
     for lp in r.layers:
         done = lp.skipped is None
-        row = [lp.name, "x".join(map(str, lp.kernel_shape))]
+        row = [lp.name, "x".join(map(str, lp.kernel_shape)) + (" T" if lp.transposed else "")]
         if has_method:
             row.append(lp.method or "-")
         row += [
@@ -259,6 +265,8 @@ def render_table(r: Report) -> str:
             lines.append(f"        the decomposed model computes channels_last; against the original "
                          f"laid out channels_last too ({lat['before_same_layout_ms']:.2f} ms) it is "
                          f"{_speed(lat['speedup_same_layout'])}: that part is decoupling's")
+    if r.fold is not None:
+        lines.append(_fold_line(r.fold))
     if r.output_check:
         c = r.output_check
         lines.append(f"checked the model runs: outputs {c['outputs']} on a random batch of "
@@ -267,9 +275,30 @@ def render_table(r: Report) -> str:
     if r.allocation:
         lines.append(f"ranks   the budget minimised relative output errors measured on "
                      f"{r.allocation['images']} calibration images (--allocate output)")
+    if r.baked_parametrizations:
+        names = list(r.baked_parametrizations)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"baked   the weight parametrizations (weight_norm, ...) of {len(names)} "
+                     f"module(s) into plain weights before saving, exactly: {shown}")
     if r.output:
         lines.append(f"wrote   {r.output}")
     return "\n".join(lines)
+
+
+def _fold_line(fold: dict[str, Any]) -> str:
+    """``--fold-bn``: how many BatchNorms were folded, how, and why the others were not."""
+    n, done, left = fold.get("bns", 0), fold.get("folded", []), fold.get("left", {})
+    if not n:
+        return "BN      --fold-bn: the model has no BatchNorm; nothing folded"
+    how = {"fx": "from the torch.fx graph",
+           "hooks": "from a forward pass with hooks, each fold checked on a random batch"}
+    line = (f"BN      folded {len(done)} of {n} BatchNorms into their convs "
+            f"({how.get(fold.get('how'), fold.get('how'))})")
+    if left:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(left.items())[:3])
+        more = f"; and {len(left) - 3} more (see the JSON)" if len(left) > 3 else ""
+        line += f"; left {len(left)}: {shown}{more}"
+    return line
 
 
 def _speed(speedup: float) -> str:

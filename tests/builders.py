@@ -79,3 +79,17 @@ class Colour(enum.Enum):
 
     RED = 1
     BLUE = 2
+
+
+def weight_norm_audio() -> nn.Module:
+    """A 1-D audio-style model with weight-normalised convs (as Wav2Vec2 and Encodec): the new
+    parametrization on a 5-tap conv and a 1x1 conv (left original by decoupling), the old hook
+    on a 3-tap conv."""
+    import warnings
+
+    from torch.nn.utils.parametrizations import weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = nn.utils.weight_norm(nn.Conv1d(16, 8, 3, padding=1))
+    return nn.Sequential(weight_norm(nn.Conv1d(4, 16, 5, padding=2)), nn.ReLU(),
+                         weight_norm(nn.Conv1d(16, 16, 1), dim=0), nn.ReLU(), old)

@@ -14,7 +14,7 @@ from torch import nn
 import decompose
 from decompose import DecomposeError
 from decompose.cli import cli
-from decompose.io.export import export_onnx, export_torchscript, onnx_latency
+from decompose.io.export import export_onnx, export_pt2, export_torchscript, onnx_latency
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -169,7 +169,8 @@ def test_cli_dynamo_without_onnxscript_says_how_to_install(tmp_path, model_file,
 
 
 @pytest.mark.parametrize("args,needle", [
-    ([], "--onnx OUT.onnx and/or --torchscript"),
+    ([], "--onnx OUT.onnx, --pt2 OUT.pt2 and/or --torchscript"),
+    (["--onnx", "X.pt2", "--pt2", "X.pt2"], "--onnx and --pt2 name the same file"),
     (["--onnx", "X.onnx", "--batch-size", "two"], "--batch-size must be an integer"),
     (["--onnx", "X.onnx", "--input-shape", "3,a"], "--input-shape must be positive"),
     (["--torchscript", "X.pt", "--compare", "orig.pt"], "give --onnx"),
@@ -187,3 +188,71 @@ def test_cli_bad_arguments_fail_in_one_line(tmp_path, model_file, args, needle):
 def test_cli_help_has_an_example():
     r = run(["export", "--help"])
     assert r.exit_code == 0 and "decompose export" in r.stdout and "--compare" in r.stdout
+
+
+def test_pt2_round_trips_through_torch_export_load(tmp_path, model):
+    path = tmp_path / "m.pt2"
+    res = export_pt2(model, path, SHAPE, batch_size=1)
+    assert res.format == "pt2" and res.checked_batches == (1, 2)
+    assert res.max_rel_err is not None and res.max_rel_err < TOL
+    program = torch.export.load(str(path)).module()
+    x = torch.randn(5, *SHAPE)  # the batch axis is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(DecomposeError, match="exists"):
+        export_pt2(model, path, SHAPE)
+
+
+def test_pt2_export_failure_names_the_cause_and_no_opset(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if y.sum() > 0 else -y  # data-dependent: torch.export refuses it
+
+    with pytest.raises(DecomposeError, match="torch.export failed") as e:
+        export_pt2(Branchy(), tmp_path / "b.pt2", SHAPE)
+    assert "opset" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "b.pt2").exists()
+
+
+def test_an_onnx_failure_that_is_not_about_the_opset_does_not_blame_it(tmp_path, monkeypatch):
+    import decompose.io.export as ex
+
+    def broken(*a, **k):
+        raise RuntimeError("Tensors must be on the same device")
+
+    monkeypatch.setattr(ex, "_torch_onnx_export", broken)
+    with pytest.raises(DecomposeError, match="ONNX export failed") as e:
+        export_onnx(small_decoupled(), tmp_path / "m.onnx", SHAPE)
+    assert "--opset" not in str(e.value) and "--dynamo" in str(e.value)
+
+    def opset(*a, **k):
+        raise RuntimeError("Exporting the operator 'aten::foo' to ONNX opset version 17 is not "
+                           "supported")
+
+    monkeypatch.setattr(ex, "_torch_onnx_export", opset)
+    with pytest.raises(DecomposeError, match="another --opset"):
+        export_onnx(small_decoupled(), tmp_path / "m.onnx", SHAPE)
+
+
+def test_a_torchscript_mismatch_does_not_suggest_onnx_flags(tmp_path, model, monkeypatch):
+    import decompose.io.export as ex
+    monkeypatch.setattr(ex._Errors, "rel", property(lambda self: 1.0))
+    with pytest.raises(DecomposeError, match="differs from PyTorch") as e:
+        export_torchscript(model, tmp_path / "m.ts", SHAPE)
+    assert "opset" not in str(e.value) and "dynamo" not in str(e.value)
+
+
+def test_cli_writes_a_checked_pt2_and_says_torchscript_is_deprecated(tmp_path, model_file):
+    out = tmp_path / "m.pt2"
+    r = run(["export", str(model_file), "--pt2", str(out), "--json", "-q"])
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert [e["format"] for e in rep["exports"]] == ["pt2"]
+    assert rep["exports"][0]["max_rel_err"] < TOL and out.exists()
+    h = run(["export", "--help"])
+    assert "--pt2" in h.stdout and "deprecated" in h.stdout

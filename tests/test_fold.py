@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import MODELS, needs_shared
 from torch import nn
 
-from decompose import DecomposeError
-from decompose.engine.fold import find_conv_bn_pairs, fold_batchnorm_
+import decompose
+from decompose.engine.fold import find_conv_bn_pairs, fold_batchnorm_, fold_bn_
 
 RTOL_F32 = 1e-5
 RTOL_F64 = 1e-10
@@ -123,11 +123,32 @@ def test_shared_conv_is_not_folded():
 def test_bn_without_running_stats_is_left_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     assert find_conv_bn_pairs(model) == []
+    assert "running statistics" in fold_bn_(model).left["1"]
 
 
-def test_channel_mismatch_and_transposed_conv_are_left_alone():
-    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4))
-    assert find_conv_bn_pairs(model) == []
+def test_channel_mismatch_is_left_alone_with_the_reason():
+    class Mismatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(torch.cat([self.conv(x)] * 2, 1))
+
+    res = fold_bn_(Mismatch())
+    assert res.folded == [] and "not a conv's output" in res.left["bn"]
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_convs_fold_exactly(dim, groups):
+    g = torch.Generator().manual_seed(40 + dim + groups)
+    conv_cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dim]
+    _, bn_cls, shape = CONV[dim]
+    model = nn.Sequential(conv_cls(6, 4, 3, stride=2, padding=1, output_padding=1,
+                                   groups=groups, bias=groups == 1), bn_cls(4), nn.ReLU())
+    _randomise_bn(model[1], g)
+    _check_exact(model, torch.randn(*shape, generator=g), [("0", "1")], RTOL_F32)
 
 
 class Untraceable(nn.Module):
@@ -143,33 +164,90 @@ class Untraceable(nn.Module):
         return self.block(-x)
 
 
-def test_untraceable_model_falls_back_to_traceable_submodules():
+def test_untraceable_model_folds_by_forward_hooks_without_a_warning(recwarn):
+    """fx cannot trace it (as most Hugging Face models); a forward pass with hooks finds the
+    pair, the fold is checked on the outputs, and nothing warns that it might be wrong."""
     g = torch.Generator().manual_seed(4)
-    model = Untraceable()
+    model = Untraceable().eval()
     _randomise_bn(model.block[1], g)
-    with pytest.warns(UserWarning, match="traceable submodules"):
-        _check_exact(model, torch.randn(2, 3, 6, 6, generator=g), [("block.0", "block.1")],
-                     RTOL_F32)
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    with torch.no_grad():
+        before = model(x)
+    res = fold_bn_(model, (3, 6, 6))
+    assert res.how == "hooks" and res.folded == [("block.0", "block.1")] and res.left == {}
+    assert "does not trace with torch.fx" in res.note
+    with torch.no_grad():
+        assert _rel(model(x), before) < RTOL_F32
+    assert not [w for w in recwarn if "folded wrongly" in str(w.message)]
 
 
-class NothingTraces(nn.Module):
+class ReadsConvOutputToo(nn.Module):
+    """Untraceable, and its conv's output is read twice: by the BN and by the sum."""
+
     def __init__(self):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
 
     def forward(self, x):
         y = self.conv(x)
-        return self.bn(y) if y.mean() > 0 else y
+        if x.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace it
+            y = self.bn(y) + y
+        return self.bn2(self.conv2(y))
 
 
-def test_nothing_traceable_raises_one_line_error():
-    with pytest.raises(DecomposeError, match="torch.fx") as e:
-        fold_batchnorm_(NothingTraces())
-    assert "\n" not in str(e.value)
+def test_a_hook_found_fold_that_changes_the_outputs_is_undone_with_the_reason():
+    g = torch.Generator().manual_seed(8)
+    model = ReadsConvOutputToo().eval()
+    _randomise_bn(model.bn, g)
+    _randomise_bn(model.bn2, g)
+    x = torch.randn(2, 3, 7, 7, generator=g)
+    with torch.no_grad():
+        before = model(x)
+    res = fold_bn_(model, (3, 7, 7))
+    assert res.how == "hooks" and res.folded == [("conv2", "bn2")]
+    assert "changed the model's outputs" in res.left["bn"]
+    assert isinstance(model.bn, nn.BatchNorm2d) and model.conv.bias is not None
+    with torch.no_grad():
+        assert _rel(model(x), before) < RTOL_F32
+
+
+class NoBatchNorm(nn.Module):
+    """Untraceable and without BatchNorm (the Whisper encoder): folding must not raise."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3)
+
+    def forward(self, x):
+        if x.shape[-1] != 9:
+            raise ValueError("expects length 9")
+        return self.conv(x)
+
+
+def test_no_batchnorm_never_raises_even_when_fx_cannot_trace():
+    res = fold_bn_(NoBatchNorm())
+    assert res.folded == [] and res.left == {} and res.how == "none"
+    assert fold_batchnorm_(NoBatchNorm()) == []
+    model = nn.Sequential(NoBatchNorm())
+    rep = decompose.plan(model, rank=1, fold_bn=True, input_shape=(4, 9))
+    assert rep.fold["bns"] == 0 and "no BatchNorm" in str(rep)
+
+
+def test_report_says_how_many_were_folded_and_why_the_others_were_not():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.BatchNorm2d(8, track_running_stats=False),
+                          nn.Conv2d(8, 8, 3, padding=1)).eval()
+    rep = decompose.decompose_(model, rank=1, fold_bn=True, input_shape=(3, 8, 8))
+    assert rep.folded_bn == [["0", "1"]]
+    assert rep.fold["folded"] == [["0", "1"]] and rep.fold["how"] == "fx"
+    assert rep.fold["left"] == {"3": "no running statistics (track_running_stats=False)"}
+    text = str(rep)
+    assert "folded 1 of 2 BatchNorms" in text and "3: no running statistics" in text
+    assert rep.to_dict()["fold"]["bns"] == 2
 
 
 def test_folding_then_decoupling_at_full_rank_is_exact():
-    import decompose
     g = torch.Generator().manual_seed(5)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
                           nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
@@ -188,7 +266,6 @@ def test_folding_then_decoupling_at_full_rank_is_exact():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_dw1_form_model_traces_and_folds_exactly(order, channels_last):
     """dw1's channel moves branch on the memory layout; fx must treat them as leaves."""
-    import decompose
     g = torch.Generator().manual_seed(7)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
@@ -226,7 +303,6 @@ def test_resnet20_folds_every_bn_and_keeps_its_outputs():
 
 
 def test_folding_after_decoupling_folds_into_the_last_conv_of_the_pair():
-    import decompose
     g = torch.Generator().manual_seed(7)
     for order in ("dw-pw", "pw-dw"):
         model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
@@ -235,3 +311,18 @@ def test_folding_after_decoupling_folds_into_the_last_conv_of_the_pair():
         last = "conv_pw" if order == "dw-pw" else "conv_dw"
         _check_exact(model, torch.randn(2, 4, 7, 7, generator=g), [(f"0.{last}", "1")],
                      RTOL_F32)
+
+
+def test_calibration_targets_the_bn_folded_by_hooks_in_an_untraceable_model():
+    """Calibration must find which BN was folded into which conv in an original fx cannot
+    trace: at full rank the folded layer then matches its target (conv, then BN) exactly."""
+    g = torch.Generator().manual_seed(9)
+    model = Untraceable().eval()
+    _randomise_bn(model.block[1], g)
+    x = torch.randn(32, 3, 6, 6, generator=g)
+    rep = decompose.decompose_(model, rank="full", fold_bn=True, input_shape=(3, 6, 6),
+                               calibration=[x], progress=False,
+                               calibration_config=decompose.CalibrationConfig(samples=32))
+    assert rep.fold["how"] == "hooks" and rep.folded_bn == [["block.0", "block.1"]]
+    (layer,) = rep.calibration["layers"]
+    assert layer["name"] == "block.0" and layer["error_before"] < 1e-3  # O(1) without the BN

@@ -21,6 +21,7 @@ import decompose
 from decompose import methods
 from decompose.engine.trace import count_macs, trace
 from decompose.methods import LowRankConv
+from decompose.methods.convs import run_conv
 
 EXACT = 1e-4  # relative error allowed where a method is exact (float32 rounding)
 
@@ -37,6 +38,16 @@ CASES = [
     ("1d", nn.Conv1d(6, 10, 5, stride=2, padding=2, padding_mode="replicate"), (6, 40)),
     ("3d", nn.Conv3d(4, 6, 3, padding=1), (4, 6, 7, 7)),
     ("2d-1x1", nn.Conv2d(16, 12, 1), (16, 6, 6)),
+    # transposed convs: every method factors them exactly at full rank or says why not
+    ("t1d-stride-outpad", nn.ConvTranspose1d(6, 10, 5, stride=2, padding=2, output_padding=1),
+     (6, 13)),
+    ("t2d-groups-dilation", nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1,
+                                               groups=2, dilation=2), (8, 7, 7)),
+    ("t2d-rect-nobias", nn.ConvTranspose2d(5, 7, (2, 3), stride=(2, 1), padding=(0, 1),
+                                           bias=False), (5, 6, 5)),
+    ("t3d", nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=(1, 0, 1)),
+     (4, 4, 5, 4)),
+    ("t2d-1x1-stride", nn.ConvTranspose2d(6, 4, 1, stride=2), (6, 5, 5)),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -60,7 +71,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _usable(name: str, conv: nn.Module) -> bool:
-    why = methods.get(name).skip_reason(conv)
+    why = methods.skip_reason(methods.get(name), conv)
     if why is not None:
         assert isinstance(why, str) and why, f"{name}: a skip needs a reason"
         return False
@@ -82,7 +93,7 @@ def test_full_rank_is_exact_and_a_drop_in(name, i):
         layer = method.build(conv, c, 0)
         assert isinstance(layer, LowRankConv) and layer.method == name
         for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                  "dilation", "groups", "padding_mode"):
+                  "dilation", "groups", "padding_mode", "transposed", "output_padding"):
             assert getattr(layer, a) == getattr(conv, a), a
         assert layer.weight.shape == conv.weight.shape
         assert (layer.bias is None) == (conv.bias is None)
@@ -95,8 +106,11 @@ def test_full_rank_is_exact_and_a_drop_in(name, i):
             assert _rel(layer.weight.detach(), conv.weight) < EXACT
 
 
+NUMBERS = [0, 1, 3, 6, 7, 9, 10, 12]
+
+
 @pytest.mark.parametrize("name", methods.names())
-@pytest.mark.parametrize("i", [0, 1, 3, 6, 7], ids=[IDS[j] for j in [0, 1, 3, 6, 7]])
+@pytest.mark.parametrize("i", NUMBERS, ids=[IDS[j] for j in NUMBERS])
 def test_reported_numbers_are_the_built_layers(name, i):
     """Kernel error, MACs (an independent hook count) and parameters of every option."""
     conv, shape = _case(i)
@@ -114,7 +128,7 @@ def test_reported_numbers_are_the_built_layers(name, i):
             assert sum(p.numel() for p in layer.parameters()) == c.params[j], c.label
             with torch.no_grad():  # weight/bias compute what the chain computes
                 want = layer(x)
-                got = conv._conv_forward(x, w, layer.bias)
+                got = run_conv(conv, x, w, layer.bias)
             assert _rel(got, want) < EXACT, c.label
 
 

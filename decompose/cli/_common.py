@@ -174,8 +174,10 @@ def rank_options(f: Callable) -> Callable:
         click.option("--exclude", multiple=True, metavar="GLOB",
                      help="Leave convs whose name matches alone (repeatable), e.g. conv1."),
         click.option("--input-shape", metavar="C,H,W",
-                     help="One input sample's shape, to count multiply-adds. Default: "
-                          "model.input_shape, else the file's, else C,224,224."),
+                     help="One input sample's shape, to count multiply-adds (C,L for 1-D "
+                          "models, C,D,H,W for 3-D). Default: model.input_shape, else the "
+                          "file's, else a size the model runs on, from its first conv (e.g. "
+                          "C,224,224)."),
         click.option("--target-latency", metavar="F",
                      help="Latency budget: the model, timed here at --plan-batch, takes at most "
                           "fraction F (0<F<1) of the original; per-layer order/rank/form "

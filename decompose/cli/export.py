@@ -1,5 +1,5 @@
-"""``decompose export MODEL --onnx OUT.onnx``: write ONNX / TorchScript files, checked, and time
-them in onnxruntime against the original model."""
+"""``decompose export MODEL --onnx OUT.onnx``: write ONNX / torch.export (``.pt2``) / TorchScript
+files, checked, and time them in onnxruntime against the original model."""
 
 from __future__ import annotations
 
@@ -60,8 +60,12 @@ class ExportReport:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--onnx", "onnx_out", type=click.Path(), metavar="OUT.onnx",
               help="Write an ONNX file, checked in onnxruntime against PyTorch.")
+@click.option("--pt2", "pt2_out", type=click.Path(), metavar="OUT.pt2",
+              help="Write a torch.export program (torch.export.export + torch.export.save), "
+                   "loaded back with torch.export.load and checked against PyTorch.")
 @click.option("--torchscript", "ts_out", type=click.Path(), metavar="OUT.pt",
-              help="Write a TorchScript file (torch.jit.trace), checked against PyTorch.")
+              help="Write a TorchScript file (torch.jit.trace), checked against PyTorch. "
+                   "TorchScript is deprecated in the PyTorch used here; prefer --pt2.")
 @click.option("--input-shape", metavar="C,H,W",
               help="One input sample's shape. Default: model.input_shape, else the file's.")
 @click.option("--batch-size", default="1", show_default=True, metavar="N",
@@ -92,24 +96,26 @@ class ExportReport:
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr.")
-def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dynamo,
+def export_cmd(model: str, onnx_out, pt2_out, ts_out, input_shape, batch_size, opset, dynamo,
                static_batch, script, tolerance, no_check, compare, threads, repeats, clock, arch,
                allow, allow_functions, trust, force, as_json, quiet) -> None:
-    """Export MODEL (e.g. a decomposed file) to ONNX and/or TorchScript.
+    """Export MODEL (e.g. a decomposed file) to ONNX, a torch.export program (.pt2) and/or
+    TorchScript (deprecated in the PyTorch used here; kept for libtorch users).
 
-    Each file is checked before it is written: onnxruntime (or torch.jit.load) runs it on seeded
-    random input and its outputs must match PyTorch's within --tolerance, else nothing is
-    written. Existing files are only replaced with --force.
+    Each file is checked before it is written: onnxruntime (torch.export.load, torch.jit.load)
+    runs it on seeded random input and its outputs must match PyTorch's within --tolerance,
+    else nothing is written. Existing files are only replaced with --force.
 
     \b
     Examples:
       decompose export r20.decomposed.pt --onnx r20.onnx
-      decompose export r20.decomposed.pt --onnx r20.onnx --torchscript r20.ts.pt
+      decompose export r20.decomposed.pt --onnx r20.onnx --pt2 r20.pt2
       decompose export r20.decomposed.pt --onnx r20.onnx --batch-size 64 \\
           --compare resnet20.th --arch decompose.models.cifar_resnet:resnet20
     """
-    if not onnx_out and not ts_out:
-        raise DecomposeError("nothing to write; give --onnx OUT.onnx and/or --torchscript OUT.pt")
+    if not onnx_out and not ts_out and not pt2_out:
+        raise DecomposeError("nothing to write; give --onnx OUT.onnx, --pt2 OUT.pt2 and/or "
+                             "--torchscript OUT.pt")
     if compare and not onnx_out:
         raise DecomposeError("--compare times ONNX files; give --onnx OUT.onnx too")
     if compare and no_check:
@@ -134,22 +140,26 @@ def export_cmd(model: str, onnx_out, ts_out, input_shape, batch_size, opset, dyn
                              "whole graph only with one intra-op thread; add --threads 1")
     shape_given = parse_shape(input_shape)
     with protect_inputs(model, compare):
-        _export(model, onnx_out, ts_out, shape_given, batch, opset_n, dynamo, static_batch,
+        _export(model, onnx_out, pt2_out, ts_out, shape_given, batch, opset_n, dynamo, static_batch,
                 script, tol, no_check, compare, n_threads, rounds, clock,
                 dict(arch=arch, allow=allow, allow_functions=allow_functions, trust=trust),
                 force, as_json, quiet)
 
 
-def _export(model, onnx_out, ts_out, shape_given, batch, opset_n, dynamo, static_batch, script,
+def _export(model, onnx_out, pt2_out, ts_out, shape_given, batch, opset_n, dynamo, static_batch, script,
             tol, no_check, compare, n_threads, rounds, clock, how, force, as_json, quiet) -> None:
     from ..io import export as ex
 
     # fail before any work: outputs, packages
-    for out in (onnx_out, ts_out):
+    outs = {"--onnx": onnx_out, "--pt2": pt2_out, "--torchscript": ts_out}
+    for out in outs.values():
         if out:
             check_writable(out, force)
-    if onnx_out and ts_out and os.path.realpath(onnx_out) == os.path.realpath(ts_out):
-        raise DecomposeError("--onnx and --torchscript name the same file; give two names")
+    given = [(flag, os.path.realpath(out)) for flag, out in outs.items() if out]
+    for i, (flag, real) in enumerate(given):
+        for other, real2 in given[i + 1:]:
+            if real == real2:
+                raise DecomposeError(f"{flag} and {other} name the same file; give two names")
     if onnx_out:
         ex.require_onnx(dynamo)
         if not no_check:
@@ -175,6 +185,10 @@ def _export(model, onnx_out, ts_out, shape_given, batch, opset_n, dynamo, static
         if onnx_out:
             res = ex.export_onnx(loaded.model, onnx_out, opset=opset_n,
                                  dynamic_batch=not static_batch, dynamo=dynamo, **common)
+            report.exports.append(res)
+            log(f"wrote {res.path}", quiet)
+        if pt2_out:
+            res = ex.export_pt2(loaded.model, pt2_out, dynamic_batch=not static_batch, **common)
             report.exports.append(res)
             log(f"wrote {res.path}", quiet)
         if ts_out:

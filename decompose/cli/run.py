@@ -31,7 +31,7 @@ from ._measure import (
 
 def _nothing_to_do(report, model_path: str) -> None:
     reasons = sorted({lp.skipped for lp in report.layers if lp.skipped})
-    why = "; ".join(reasons[:3]) if reasons else "it has no Conv1d/2d/3d layer"
+    why = "; ".join(reasons[:3]) if reasons else "it has no Conv1d/2d/3d or ConvTranspose1d/2d/3d layer"
     raise click.ClickException(f"no layer of {model_path} can be decoupled ({why}); nothing "
                                "written. Check --include/--exclude, or use a model with k x k convs")
 

@@ -1,7 +1,9 @@
 """Counting what a model costs: parameters, multiply-adds (by forward hooks), layer shapes.
 
-Multiply-adds (MACs) count convolutions and linear layers, one per weight use per output
-element: ``out_channels * in_channels/groups * K * output_pixels`` for a conv. Biases,
+Multiply-adds (MACs) count convolutions (regular and transposed) and linear layers, one per
+weight use per output element: ``out_channels * in_channels/groups * K * output_pixels`` for a
+conv, ``in_channels * out_channels/groups * K * input_pixels`` for a transposed conv (every
+input element times every tap; see :func:`decompose.methods.convs.conv_macs`). Biases,
 normalisation, activations and pooling are not counted. They depend on the input size, so every
 count takes one sample's ``input_shape`` (no batch dimension) and runs one forward pass.
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import DecomposeError, first_line
-from ..methods.convs import CONV_TYPES, conv_macs, is_conv
+from ..methods.convs import CONV_TYPES, conv_macs, is_factorizable
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Call:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     calls: int = 1
+    #: called with more than its input (e.g. a transposed conv's ``output_size``)
+    extra_args: bool = False
 
 
 def linear_macs(lin: nn.Linear, out_shape: tuple[int, ...]) -> int:
@@ -104,18 +110,21 @@ def _record(model: nn.Module, input_shape: tuple[int, ...], want) -> dict[str, C
     handles = []
 
     def hook(name: str):
-        def fn(mod, inputs, output):
+        def fn(mod, inputs, kwargs, output):
+            extra = len(inputs) > 1 or any(v is not None for v in kwargs.values())
             if name in seen:
                 seen[name].calls += 1
+                seen[name].extra_args |= extra
                 return
             x = inputs[0] if inputs else None
             seen[name] = Call(tuple(x.shape) if isinstance(x, torch.Tensor) else (),
-                              tuple(output.shape) if isinstance(output, torch.Tensor) else ())
+                              tuple(output.shape) if isinstance(output, torch.Tensor) else (),
+                              extra_args=extra)
         return fn
 
     for name, m in model.named_modules():
         if want(m):
-            handles.append(m.register_forward_hook(hook(name)))
+            handles.append(m.register_forward_hook(hook(name), with_kwargs=True))
     try:
         with eval_mode(model), torch.no_grad():
             model(example_input(model, input_shape))
@@ -126,7 +135,7 @@ def _record(model: nn.Module, input_shape: tuple[int, ...], want) -> dict[str, C
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...],
-          want=lambda m: is_conv(m) or isinstance(m, nn.Linear)) -> dict[str, Call]:
+          want=lambda m: is_factorizable(m) or isinstance(m, nn.Linear)) -> dict[str, Call]:
     """Run one sample through ``model`` and record the shapes each wanted module saw: on the
     meta device when the model runs there (no activations allocated), else for real on zeros
     (inputs up to :data:`REAL_TRACE_MAX_ELEMENTS` elements); see the module docs."""
@@ -152,9 +161,41 @@ def trace(model: nn.Module, input_shape: tuple[int, ...],
     except DecomposeError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DecomposeError(f"the model fails on input shape {shape} ({msg[:160]}); pass the "
-                             "right --input-shape, e.g. --input-shape 3,32,32") from None
+        raise DecomposeError(f"the model fails on input shape {shape} ({type(e).__name__}: "
+                             f"{first_line(e, 160)}){_remedy(e, model, input_shape)}") from None
+
+
+#: what a shape mismatch says, in torch's and the common libraries' words
+_SHAPE_ERROR = re.compile(
+    r"shape|size mismatch|sizes? of tensors|must match the size|size of tensor|input size|"
+    r"kernel size|padded input|channels|dimension|\bdims?\b|mat1 and mat2|\d+d input|"
+    r"expected .*input|to be of length|unpack|view size|invalid for input of size|"
+    r"out of bounds|out of range", re.IGNORECASE)
+
+
+def is_shape_error(e: BaseException) -> bool:
+    """Whether a failure of the model's forward looks like a mismatch between the input's shape
+    and what the model expects (then another ``--input-shape`` may help; otherwise it would
+    not)."""
+    return isinstance(e, (RuntimeError, ValueError, IndexError, AssertionError)) and bool(
+        _SHAPE_ERROR.search(f"{e}"))
+
+
+def shape_flag(model: nn.Module | None = None, input_shape: tuple[int, ...] | None = None) -> str:
+    """``--input-shape C,L`` / ``C,H,W`` / ``C,D,H,W``: the flag's form for this model's first
+    conv (or for a shape of that many axes)."""
+    dim = None
+    if model is not None:
+        dim = next((len(m.kernel_size) for m in model.modules() if is_factorizable(m)), None)
+    if dim is None and input_shape is not None:
+        dim = len(input_shape) - 1
+    return "--input-shape " + {1: "C,L", 2: "C,H,W", 3: "C,D,H,W"}.get(dim or 2, "C,H,W")
+
+
+def _remedy(e: BaseException, model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    if is_shape_error(e):
+        return f"; pass the shape it takes with {shape_flag(model, input_shape)}"
+    return "; decompose runs the model on one tensor of this shape, so it must run on that"
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -167,7 +208,8 @@ def macs_from_trace(model: nn.Module, shapes: dict[str, Call]) -> int:
     total = 0
     for name, call in shapes.items():
         m = model.get_submodule(name)
-        one = conv_macs(m, call.out_shape) if is_conv(m) else linear_macs(m, call.out_shape)
+        one = (conv_macs(m, call.out_shape, call.in_shape) if is_factorizable(m)
+               else linear_macs(m, call.out_shape))
         total += one * call.calls
     return total
 
@@ -213,6 +255,17 @@ def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
 
 DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
 
+#: The sizes a default input shape tries, in order, for a model whose first layer is a conv of
+#: that dimension (one sample: channels, then these): the first the model runs on is taken.
+#: Common audio lengths and frames (16000 samples, Whisper's 3000 frames), image and video
+#: sizes; numbers named in a failure's message (e.g. "expects ... length 3000") are tried too.
+PROBE_SIZES = {1: ((1024,), (16000,), (3000,), (4096,), (256,), (64,)),
+               2: ((224, 224), (32, 32), (256, 256), (64, 64), (28, 28), (512, 512)),
+               3: ((16, 112, 112), (32, 64, 64), (64, 64, 64), (32, 32, 32), (96, 96, 96),
+                   (128, 128, 128))}
+
+_GUESSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def _valid_shape(shape: object) -> bool:
     return (isinstance(shape, (list, tuple, torch.Size)) and 1 <= len(shape) <= 5
@@ -220,13 +273,94 @@ def _valid_shape(shape: object) -> bool:
                     for s in shape))
 
 
+def _probe(model: nn.Module, shape: tuple[int, ...]) -> BaseException | None:
+    """None when ``model`` runs on one sample of ``shape`` (on meta tensors where it can, else
+    for real on zeros for small inputs), else the exception."""
+    try:
+        ghost = meta_copy(model)
+        _record(ghost, shape, lambda m: False)
+        return None
+    except Exception as e:  # noqa: BLE001 - a failure is the answer
+        err: BaseException = e
+    if math.prod(shape) <= REAL_TRACE_MAX_ELEMENTS:
+        try:
+            _record(model, shape, lambda m: False)
+            return None
+        except Exception as e:  # noqa: BLE001
+            err = e if is_shape_error(e) or not is_shape_error(err) else err
+    return err
+
+
+def _named_sizes(e: BaseException, dim: int) -> list[tuple[int, ...]]:
+    """Sizes a failure's message names (``"expects ... length 3000"``), as candidates."""
+    nums = [int(n) for n in re.findall(r"(?<![\w.])(\d{2,6})(?![\w.])", str(e))]
+    out = []
+    for n in nums:
+        if 8 <= n <= 1 << 17 and (n,) * dim not in out:
+            out.append((n,) * dim)
+    return out[:4]
+
+
+def guess_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """One sample's shape for a model that does not say: from its first layer, the first of
+    :data:`PROBE_SIZES` it runs on (a conv with one input channel is also tried without the
+    channel axis, as raw-audio models take ``(N, L)``); else a one-line error naming the flag."""
+    hit = _GUESSES.get(model)
+    if hit is not None:
+        return hit
+    first = next((m for m in model.modules() if is_factorizable(m) or isinstance(m, nn.Linear)),
+                 None)
+    if first is None:
+        raise DecomposeError("cannot tell this model's input shape (it has no conv or linear "
+                             "layer); pass --input-shape, e.g. 3,32,32")
+    if isinstance(first, nn.Linear):
+        shapes = [(first.in_features,)]
+        dim = 0
+    else:
+        dim = len(first.kernel_size)
+        c = first.in_channels
+        shapes = [(c, *s) for s in PROBE_SIZES[dim]]
+        if c == 1 and dim == 1:  # raw audio: (N, L), the model adds the channel axis
+            shapes = [s for pair in zip(shapes, [s[1:] for s in shapes]) for s in pair]
+    tried: list[tuple[int, ...]] = []
+    first_error: BaseException | None = None
+    while shapes:
+        shape = shapes.pop(0)
+        if shape in tried:
+            continue
+        tried.append(shape)
+        err = _probe(model, shape)
+        if err is None:
+            _GUESSES[model] = shape
+            return shape
+        if isinstance(err, DecomposeError):
+            raise err
+        if not is_shape_error(err):  # another size would not help: say what failed
+            where = ",".join(map(str, shape))
+            raise DecomposeError(f"the model fails on one input of shape {where} "
+                                 f"({type(err).__name__}: {first_line(err, 160)}); decompose "
+                                 "runs the model on one tensor, so it must run on that")
+        if first_error is None:
+            first_error = err
+        if dim:
+            shapes += [(shape[0], *n) if len(shape) == dim + 1 else n
+                       for n in _named_sizes(err, dim) if len(tried) + len(shapes) < 16]
+    flag = shape_flag(model) if dim else "--input-shape N"
+    shown = ", ".join(",".join(map(str, s)) for s in tried[:4]) + (", ..." if len(tried) > 4
+                                                                   else "")
+    why = f"{type(first_error).__name__}: {first_line(first_error, 120)}" if first_error else ""
+    raise DecomposeError(f"cannot guess this model's input shape: it fails on {shown} ({why}); "
+                         f"pass the shape it takes with {flag}")
+
+
 def infer_input_shape(model: nn.Module, given: tuple[int, ...] | None = None,
                       meta: dict | None = None) -> tuple[tuple[int, ...], str]:
     """One sample's input shape and where it came from.
 
     Order: ``given`` (``--input-shape``), ``model.input_shape`` (set by decompose's own models and
-    any user model that defines it), a decompose file's recorded shape, else the first conv's
-    input channels with a default size (224x224 for 2-D, 1024 for 1-D, 16x112x112 for 3-D).
+    any user model that defines it), a decompose file's recorded shape, else a guess from the
+    first conv (its input channels, and the first size of :data:`PROBE_SIZES` the model runs on;
+    :func:`guess_input_shape`), source ``"default"``.
     """
     if given:
         return tuple(given), "given"
@@ -234,21 +368,16 @@ def infer_input_shape(model: nn.Module, given: tuple[int, ...] | None = None,
     if own:
         if not _valid_shape(own):
             raise DecomposeError(f"the model's input_shape attribute ({str(own)[:40]}) is not a "
-                                 "list of positive integers; pass --input-shape, e.g. 3,32,32")
+                                 f"list of positive integers; pass {shape_flag(model)}")
         return tuple(int(s) for s in own), "model.input_shape"
     if meta and meta.get("input_shape"):
         if not _valid_shape(meta["input_shape"]):
             raise DecomposeError("the file's recorded input_shape is not a list of positive "
-                                 "integers; pass --input-shape, e.g. 3,32,32")
+                                 f"integers; pass {shape_flag(model)}")
         return tuple(meta["input_shape"]), "file"
-    for m in model.modules():
-        if is_conv(m):
-            dim = len(m.kernel_size)
-            return (m.in_channels, *DEFAULT_SPATIAL[dim]), "default"
-        if isinstance(m, nn.Linear):
-            return (m.in_features,), "default"
-    raise DecomposeError("cannot tell this model's input shape; pass --input-shape, e.g. 3,32,32")
+    return guess_input_shape(model), "default"
 
 
-__all__ = ["CONV_TYPES", "REAL_TRACE_MAX_ELEMENTS", "Call", "conv_macs", "count_macs",
-           "example_input", "infer_input_shape", "meta_copy", "param_count", "trace"]
+__all__ = ["CONV_TYPES", "PROBE_SIZES", "REAL_TRACE_MAX_ELEMENTS", "Call", "conv_macs",
+           "count_macs", "example_input", "guess_input_shape", "infer_input_shape",
+           "is_shape_error", "meta_copy", "param_count", "shape_flag", "trace"]

@@ -1,8 +1,10 @@
-"""Exporting a (decomposed) model to ONNX or TorchScript, checked against PyTorch before it lands.
+"""Exporting a (decomposed) model to ONNX, a torch.export program (``.pt2``) or TorchScript,
+checked against PyTorch before it lands.
 
-    from decompose.io.export import export_onnx, export_torchscript, onnx_latency
+    from decompose.io.export import export_onnx, export_pt2, export_torchscript, onnx_latency
     res = export_onnx(model, "model.onnx", input_shape=(3, 32, 32))
     print(res.max_rel_err)                       # onnxruntime vs PyTorch, on seeded random input
+    export_pt2(model, "model.pt2", (3, 32, 32))  # torch.export.export + torch.export.save
 
 Every file is *checked* before it lands, and written by :mod:`decompose.io.write` (a temporary
 name in the target folder, renamed into place): an export whose outputs differ from PyTorch's by
@@ -185,12 +187,23 @@ class _Errors:
         return self.abs / self.scale if self.scale > 0 else self.abs
 
 
-def _verify(errors: _Errors, tolerance: float, what: str) -> None:
+def _verify(errors: _Errors, tolerance: float, what: str, hint: str = "") -> None:
     if not errors.rel <= tolerance:
         raise DecomposeError(
             f"{what} differs from PyTorch: max abs error {errors.abs:.3g}, max rel error "
             f"{errors.rel:.3g} > tolerance {tolerance:g}; nothing written. Raise --tolerance if "
-            "that is acceptable, or try --dynamo / another --opset")
+            f"that is acceptable{hint}")
+
+
+_OPSET_CAUSES = ("opset", "unsupportedoperatorerror", "is not supported in", "not supported by "
+                 "onnx", "exporting the operator", "unsupported: onnx export")
+
+
+def _opset_related(e: BaseException) -> bool:
+    """Whether an ONNX export or load failure is about the opset (an operator the chosen opset
+    lacks, or a version onnxruntime does not run), so that another --opset may help."""
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(c in text for c in _OPSET_CAUSES)
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -208,8 +221,10 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
         return ort.InferenceSession(str(path), sess_options=opts,
                                     providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise DecomposeError(f"onnxruntime cannot load {path} ({_first_line(e)}); try another "
-                             "--opset") from None
+        hint = ("; try another --opset" if _opset_related(e) else
+                "; try exporting with or without --dynamo, or check the file")
+        raise DecomposeError(f"onnxruntime cannot load {path} ({_first_line(e)}){hint}"
+                             ) from None
 
 
 def _run_session(sess: Any, x: torch.Tensor) -> list:
@@ -293,9 +308,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
                 raise  # OSError: the writer says what went wrong with the disk
             except Exception as e:
                 other = "without --dynamo" if dynamo else "with --dynamo"
+                hint = (f"try another --opset or export {other}" if _opset_related(e)
+                        else f"try exporting {other}")
                 raise DecomposeError(f"ONNX export failed ({type(e).__name__}: "
-                                     f"{_first_line(e)}); try another --opset or export "
-                                     f"{other}") from None
+                                     f"{_first_line(e)}); {hint}") from None
             result.opset = _opset_of(tmp)
             if check:
                 sess = ort_session(tmp)
@@ -305,9 +321,72 @@ def export_onnx(model: nn.Module, path: str | os.PathLike,
                     errors.add(_run_session(sess, xb), _flat(model(xb)), "the ONNX model")
                 result.max_abs_err, result.max_rel_err = errors.abs, errors.rel
                 result.checked_batches = _check_batches(batch_size, dynamic_batch)
-                _verify(errors, tolerance, "the ONNX model (onnxruntime)")
+                _verify(errors, tolerance, "the ONNX model (onnxruntime)",
+                        ", or export " + ("without" if dynamo else "with") + " --dynamo")
 
     result.path = str(atomic_write(path, write, force))
+    return result
+
+
+# ----------------------------------------------------------------------------- torch.export
+def export_pt2(model: nn.Module, path: str | os.PathLike,
+               input_shape: tuple[int, ...] | None = None, *, batch_size: int = 1,
+               dynamic_batch: bool = True, check: bool = True,
+               tolerance: float = DEFAULT_TOLERANCE, force: bool = False,
+               meta: dict | None = None) -> ExportResult:
+    """Write ``model`` as a ``torch.export`` program (``.pt2``): ``torch.export.export`` then
+    ``torch.export.save``; ``torch.export.load(path).module()`` runs it without our code.
+
+    The program is saved into memory, loaded back from those bytes and run at ``batch_size``
+    and, with a dynamic batch axis, at another batch size, compared with the model within
+    ``tolerance``; only then is it written (:mod:`decompose.io.write`). A batch of 1 is
+    specialised by torch.export, so a dynamic axis is traced at batch 2. Other arguments as in
+    :func:`export_onnx`.
+
+    Raises:
+        DecomposeError: an existing file without ``force``, an export that fails (the first
+            line of torch's reason), or outputs over ``tolerance``; nothing is written then.
+    """
+    batch_size = _check_batch(batch_size)
+    shape = _resolve_shape(model, input_shape, meta)
+    result = ExportResult("pt2", str(path), shape, batch_size, "torch.export.export",
+                          tolerance=tolerance, dynamic_batch=dynamic_batch)
+    check_target(path, force)
+    x = example(model, shape, max(batch_size, 2) if dynamic_batch else batch_size)
+    with eval_mode(model), torch.no_grad():
+        buf = io.BytesIO()
+        try:
+            with _quiet_exporter():
+                dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+                program = torch.export.export(model, (x,), dynamic_shapes=dyn)
+                torch.export.save(program, buf)
+        except Exception as e:
+            hint = ""
+            text = f"{type(e).__name__} {e}".lower()
+            if dynamic_batch and ("constraint" in text or "dynamic" in text
+                                  or "specializ" in text or "guard" in text):
+                hint = "; the batch axis may not be dynamic in this model: try --static-batch"
+            raise DecomposeError(f"torch.export failed ({type(e).__name__}: "
+                                 f"{_first_line(e)}){hint}") from None
+        data = buf.getvalue()
+        if check:
+            with _quiet_exporter():
+                loaded = torch.export.load(io.BytesIO(data)).module()
+            errors = _Errors()
+            batches = _check_batches(batch_size, dynamic_batch)
+            for b in batches:
+                xb = example(model, shape, b, seed=b)
+                try:
+                    got = loaded(xb)
+                except Exception as e:
+                    raise DecomposeError(f"the torch.export program fails at batch {b} "
+                                         f"({type(e).__name__}: {_first_line(e)}); export with "
+                                         "--static-batch") from None
+                errors.add(_flat(got), _flat(model(xb)), "the torch.export program")
+            result.max_abs_err, result.max_rel_err = errors.abs, errors.rel
+            result.checked_batches = batches
+            _verify(errors, tolerance, "the torch.export program")
+    result.path = str(write_bytes(path, data, force))
     return result
 
 
@@ -327,8 +406,9 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
             Default True.
         Other arguments as in :func:`export_onnx`.
 
-    Note: torch 2.13 marks ``torch.jit`` deprecated; it still works and is what libtorch (C++)
-    loads. The notice is silenced here.
+    Note: TorchScript is deprecated in the PyTorch used here (torch 2.13 marks ``torch.jit``
+    so); it still works and is what libtorch (C++) loads, but :func:`export_pt2` is its
+    successor. The notice is silenced here.
     """
     if method not in ("trace", "script"):
         raise DecomposeError(f"method must be 'trace' or 'script', got {method!r}")
@@ -413,5 +493,6 @@ def temporary_onnx(model: nn.Module, input_shape: tuple[int, ...], **kwargs: Any
         yield export_onnx(model, Path(d) / "model.onnx", input_shape, **kwargs)
 
 
-__all__ = ["ExportResult", "export_onnx", "export_torchscript", "onnx_latency", "ort_session",
+__all__ = ["ExportResult", "export_onnx", "export_pt2", "export_torchscript", "onnx_latency",
+           "ort_session",
            "require_onnx", "require_onnxruntime", "temporary_onnx"]

@@ -448,6 +448,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] |
     and a checksum of its weights, structure and meta; see :func:`load_model`. The file is
     serialised in memory first, then written by :func:`decompose.io.write.write_bytes`."""
     check_target(path, force)
+    from ..engine.params import parametrized
+    found = parametrized(model)
+    if found:
+        name, kinds = next(iter(found.items()))
+        raise DecomposeError(
+            f"cannot save this model: {name or type(model).__name__} has a weight "
+            f"parametrization ({', '.join(kinds)}){' and more' if len(found) > 1 else ''}, which "
+            "torch cannot pickle; save it with decompose.save, which bakes parametrizations "
+            "into plain weights, exactly")
     meta = dict(meta or {})
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "model": model, "meta": meta}
     try:
@@ -456,6 +465,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] |
     except (pickle.PicklingError, AttributeError, TypeError, ValueError) as e:
         raise DecomposeError(f"cannot save this model ({_short(e)}); models with lambdas or local "
                              "classes cannot be pickled") from None
+    except RuntimeError as e:
+        raise DecomposeError(f"cannot save this model ({_short(e)})") from None
     return write_bytes(path, data, force)
 
 

@@ -26,7 +26,12 @@ def patches(x: torch.Tensor, conv: nn.Module, rows: torch.Tensor | None = None) 
     ``conv(x)`` equals ``patches(x, conv) @ conv.weight.reshape(g, C_out/g, -1).mT`` per group,
     plus the bias, for every padding mode, stride and dilation. ``rows``: indices into the
     (image, output position) rows to extract, in :func:`pixels` order; only those are copied.
+    A transposed conv's patches pair with its weight in the adjoint layout
+    (:func:`decompose.kernels.transposed.patches`).
     """
+    if getattr(conv, "transposed", False):
+        from .transposed import patches as transposed_patches
+        return transposed_patches(x, conv, rows)
     d = x.dim() - 2
     pad = list(conv._reversed_padding_repeated_twice)
     if any(pad):

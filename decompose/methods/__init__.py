@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Candidate, Method, Rank
-from .convs import SamePad, conv_prefix, is_conv
+from .convs import SamePad, conv_prefix, is_conv, is_factorizable, is_transposed
 from .module import LowRankConv, is_lowrank, with_prefix
 from .registry import AUTO, get, names, register, resolve
 
@@ -41,6 +41,18 @@ def custom_modules() -> tuple[type, ...]:
     return (LowRankConv, *helper_modules())
 
 
+def skip_reason(method: Method, conv: nn.Module) -> str | None:
+    """Why ``method`` cannot factor ``conv``: a transposed conv for a method without
+    ``supports_transposed`` (naming the methods that have it), else the method's own
+    :meth:`~decompose.methods.base.Method.skip_reason`. What the planner asks."""
+    if is_transposed(conv) and not method.supports_transposed:
+        able = [n for n in names() if get(n).supports_transposed]
+        hint = f" ({', '.join(able)} does)" if len(able) == 1 else (
+            f" ({', '.join(able)} do)" if able else "")
+        return f"transposed conv: {method.name} does not factor transposed convs{hint}"
+    return method.skip_reason(conv)
+
+
 def build(conv: nn.Module, cand: Candidate, i: int, form: str = "plain") -> LowRankConv:
     """The layer of option ``i`` of ``cand`` for ``conv``, in ``form``: the method's build, with
     the padding a known conv subclass applies first (:func:`conv_prefix`) as its first part."""
@@ -62,5 +74,7 @@ def to_form(layer: LowRankConv, form: str) -> LowRankConv:
     return out if prefix is None else with_prefix(out, prefix)
 
 
-__all__ = ["AUTO", "Candidate", "LowRankConv", "Method", "Rank", "build", "conv_prefix", "custom_modules", "get", "helper_modules",
-           "is_conv", "is_lowrank", "names", "register", "resolve", "to_form", "with_prefix"]
+__all__ = ["AUTO", "Candidate", "LowRankConv", "Method", "Rank", "build", "conv_prefix",
+           "custom_modules", "get", "helper_modules", "is_conv", "is_factorizable",
+           "is_lowrank", "is_transposed", "names", "register", "resolve", "skip_reason",
+           "to_form", "with_prefix"]

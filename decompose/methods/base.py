@@ -103,6 +103,9 @@ class Method:
         form_names: its forms, the plain one first.
         custom_modules: non-``torch.nn`` classes its layers may contain (for the safe loader).
         in_auto: whether ``--method auto`` considers it.
+        supports_transposed: whether it factors transposed convs (``ConvTranspose1d/2d/3d``);
+            the planner skips them, with the reason, for a method that does not
+            (:func:`decompose.methods.skip_reason`).
     """
 
     name: str = ""
@@ -112,6 +115,7 @@ class Method:
     form_names: tuple[str, ...] = ("plain",)
     custom_modules: tuple[type[nn.Module], ...] = ()
     in_auto: bool = True
+    supports_transposed: bool = False
 
     # ---------------------------------------------------------------- required
     def skip_reason(self, conv: nn.Module) -> str | None:

@@ -1,8 +1,14 @@
 """What every method needs to know about a convolution: its type, geometry and cost.
 
-Regular convolutions (``nn.Conv1d/2d/3d`` and subclasses) are what the methods factor. Their
-geometry (kernel, stride, padding and padding mode, dilation, groups) travels with a factorized
-layer (:class:`decompose.methods.module.LowRankConv`) so that it stays a drop-in for the conv.
+Regular convolutions (``nn.Conv1d/2d/3d`` and subclasses) and transposed ones
+(``nn.ConvTranspose1d/2d/3d``) are what the methods factor. Their geometry (kernel, stride,
+padding and padding mode, dilation, groups, and for a transposed conv ``output_padding``) travels
+with a factorized layer (:class:`decompose.methods.module.LowRankConv`) so that it stays a
+drop-in for the conv.
+
+A transposed conv's weight is laid out ``(C_in, C_out/g, *k)``, the other way round from a
+regular conv's ``(C_out, C_in/g, *k)``; :func:`decompose.kernels.transposed.adjoint` turns one
+layout into the other, which is how the methods' maths serves both.
 """
 
 from __future__ import annotations
@@ -10,10 +16,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_FORWARDS = tuple(c.forward for c in CONV_TYPES.values())
+TRANSPOSED_TYPES: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d,
+                                                3: nn.ConvTranspose3d}
+_CONV_FORWARDS = tuple(c.forward for c in (*CONV_TYPES.values(), *TRANSPOSED_TYPES.values()))
+_TRANSPOSED_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 #: The attributes of a conv that a factorized layer copies, so code reading them keeps working.
 GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
@@ -25,11 +35,28 @@ def is_conv(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
+def is_transposed(m: nn.Module) -> bool:
+    """A ConvTranspose1d/2d/3d, subclasses included (a factorized layer that stands in for one
+    is not: it is a :class:`~decompose.methods.module.LowRankConv`)."""
+    return isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+
+
+def is_factorizable(m: nn.Module) -> bool:
+    """A conv the planner considers: regular or transposed, 1-D, 2-D or 3-D."""
+    return is_conv(m) or is_transposed(m)
+
+
+def transposed(m: nn.Module) -> bool:
+    """Whether ``m`` (a conv or a factorized layer standing in for one) computes a transposed
+    convolution."""
+    return bool(getattr(m, "transposed", False))
+
+
 def has_own_forward(m: nn.Module) -> bool:
     """A conv subclass whose class overrides ``forward``: its weight and geometry are not all it
     computes with, so replacing it by factors of its weight would change what it does (unless
     :func:`conv_prefix` knows what it adds)."""
-    return is_conv(m) and type(m).forward not in _CONV_FORWARDS
+    return is_factorizable(m) and type(m).forward not in _CONV_FORWARDS
 
 
 class SamePad(nn.Module):
@@ -73,6 +100,8 @@ def conv_prefix(conv: nn.Module) -> tuple[bool, nn.Module | None]:
     subclass with its own forward: ``(False, None)``, and it is left alone."""
     if not has_own_forward(conv):
         return True, None
+    if is_transposed(conv):
+        return False, None
     name = type(conv).__name__
     pad = getattr(conv, "static_padding", None)
     zero = all(int(p) == 0 for p in as_tuple(conv.padding, conv_dim(conv))) \
@@ -96,13 +125,17 @@ def taps(conv: nn.Module) -> int:
 
 def new_conv(ref: nn.Module, cin: int, cout: int, kernel, *, stride=1, padding=0, dilation=1,
              groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
-             weight: torch.Tensor | None = None, bias_value: torch.Tensor | None = None
-             ) -> nn.Module:
-    """A ConvNd of ``ref``'s dimension, dtype and device; weights copied in when given."""
-    cls = CONV_TYPES[conv_dim(ref)]
-    conv = cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
-               groups=groups, bias=bias, padding_mode=padding_mode,
-               device=ref_device(ref), dtype=ref_dtype(ref))
+             weight: torch.Tensor | None = None, bias_value: torch.Tensor | None = None,
+             transposed: bool = False, output_padding=0) -> nn.Module:
+    """A ConvNd (``transposed``: a ConvTransposeNd, with ``output_padding``) of ``ref``'s
+    dimension, dtype and device; weights copied in when given (in the new conv's own layout)."""
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+              padding_mode=padding_mode, device=ref_device(ref), dtype=ref_dtype(ref))
+    if transposed:
+        conv = TRANSPOSED_TYPES[conv_dim(ref)](cin, cout, kernel, output_padding=output_padding,
+                                               **kw)
+    else:
+        conv = CONV_TYPES[conv_dim(ref)](cin, cout, kernel, **kw)
     with torch.no_grad():
         if weight is not None:
             conv.weight.copy_(weight.reshape(conv.weight.shape))
@@ -124,11 +157,44 @@ def ref_device(m: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def conv_macs(conv: nn.Module, out_shape: tuple[int, ...]) -> int:
+def conv_macs(conv: nn.Module, out_shape: tuple[int, ...],
+              in_shape: tuple[int, ...] | None = None) -> int:
     """MACs of one call of a conv (or a factorized layer, by its original geometry) producing
-    ``out_shape`` (batch 1 assumed in the count)."""
-    pixels = math.prod(out_shape[2:])
-    return conv.out_channels * (conv.in_channels // conv.groups) * taps(conv) * pixels
+    ``out_shape`` from ``in_shape`` (batch 1 assumed in the count).
+
+    A regular conv does ``C_out * C_in/g * K`` multiply-adds per *output* position. A transposed
+    conv does ``C_in * C_out/g * K`` per *input* position (every input element times every tap
+    of its filters; the zeros a strided transposed conv would insert cost nothing), the count
+    fvcore uses; ``in_shape`` gives the input positions, else they are worked out from
+    ``out_shape`` and the geometry."""
+    per = conv.out_channels * (conv.in_channels // conv.groups) * taps(conv)
+    if not transposed(conv):
+        return per * math.prod(out_shape[2:])
+    if in_shape is not None and len(in_shape) == len(out_shape):
+        return per * math.prod(in_shape[2:])
+    return per * math.prod(transposed_input_size(conv, out_shape[2:]))
+
+
+def transposed_input_size(conv: nn.Module, out_size) -> tuple[int, ...]:
+    """The input positions per axis of a transposed conv that produced ``out_size`` (the inverse
+    of ``(L_in - 1) s - 2 p + d (k - 1) + output_padding + 1``, for any ``output_padding`` below
+    the stride)."""
+    n = conv_dim(conv)
+    s, p, d = (as_tuple(v, n) for v in (conv.stride, conv.padding, conv.dilation))
+    return tuple(max((int(o) - 1 + 2 * p[i] - d[i] * (conv.kernel_size[i] - 1)) // s[i] + 1, 1)
+                 for i, o in enumerate(out_size))
+
+
+def run_conv(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv``'s operation (its geometry and padding mode) on ``x`` with another weight and
+    bias: what ``conv(x)`` computes with ``weight`` in place of its own. Transposed convs use
+    their ``output_padding``."""
+    if not transposed(conv):
+        return conv._conv_forward(x, weight, bias)
+    fn = _TRANSPOSED_FNS[conv_dim(conv)]
+    return fn(x, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups,
+              conv.dilation)
 
 
 def as_tuple(v, n: int) -> tuple:

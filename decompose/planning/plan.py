@@ -30,7 +30,7 @@ from ..config import BUDGETS, DecomposeConfig
 from ..engine.trace import Call, trace
 from ..errors import BudgetError, DecomposeError
 from ..methods.base import Candidate, Method
-from ..methods.convs import conv_macs, conv_prefix, has_own_forward, is_conv
+from ..methods.convs import conv_macs, conv_prefix, has_own_forward, is_factorizable, transposed
 from ..methods.module import is_lowrank
 from ..report import LayerPlan
 from .budget import Option, optimise, pareto
@@ -54,10 +54,10 @@ def selected(name: str, module: nn.Module, config: DecomposeConfig,
 
 def method_skip(conv: nn.Module, methods: list[Method]) -> tuple[list[Method], str | None]:
     """The methods that can factor ``conv``, and why none can (None when some can)."""
-    usable = [m for m in methods if m.skip_reason(conv) is None]
+    reasons = [registry.skip_reason(m, conv) for m in methods]
+    usable = [m for m, r in zip(methods, reasons) if r is None]
     if usable:
         return usable, None
-    reasons = [m.skip_reason(conv) for m in methods]
     if len(methods) == 1:
         return [], reasons[0]
     return [], "; ".join(f"{m.name}: {r}" for m, r in zip(methods, reasons))
@@ -78,7 +78,7 @@ def decomposed_parts(model: nn.Module) -> dict[str, str]:
     for name, mod in model.named_modules():
         if is_lowrank(mod):
             for sub, conv in mod.named_modules():
-                if sub and is_conv(conv):
+                if sub and is_factorizable(conv):
                     out[f"{name}.{sub}" if name else sub] = (
                         f"part of {name or 'the model'}, already decomposed by {mod.method}")
     return out
@@ -194,7 +194,7 @@ def layer_candidates(name: str, conv: nn.Module, call: Call, *, config: Decompos
 def make_plan(model: nn.Module, config: DecomposeConfig, input_shape: tuple[int, ...],
               filter_fn: FilterFn | None = None, shapes: dict[str, Call] | None = None,
               timing: Any = None, error_curves: dict | None = None) -> list[LayerPlan]:
-    """Plan every Conv1d/2d/3d of ``model`` (nothing is changed).
+    """Plan every Conv1d/2d/3d and ConvTranspose1d/2d/3d of ``model`` (nothing is changed).
 
     ``error_curves``: measured output errors per layer and candidate
     (:func:`decompose.planning.sensitivity.output_error_curves`), which the budgets then
@@ -209,10 +209,10 @@ def make_plan(model: nn.Module, config: DecomposeConfig, input_shape: tuple[int,
     budgeted: list[tuple[LayerPlan, list[Candidate]]] = []
     parts = decomposed_parts(model)
     for name, m in model.named_modules():
-        if not is_conv(m):
+        if not is_factorizable(m):
             continue
         call = shapes.get(name)
-        lp = LayerPlan(name, tuple(m.weight.shape), m.groups)
+        lp = LayerPlan(name, tuple(m.weight.shape), m.groups, transposed=transposed(m))
         lp.params_before = lp.params_after = sum(p.numel() for p in m.parameters())
         plans.append(lp)
         if call is None:
@@ -220,7 +220,10 @@ def make_plan(model: nn.Module, config: DecomposeConfig, input_shape: tuple[int,
             continue
         if call.calls > 1:
             lp.skipped = f"called {call.calls} times per forward pass (shared module)"
-        lp.macs_before = lp.macs_after = conv_macs(m, call.out_shape)
+        elif call.extra_args:
+            lp.skipped = ("called with more than its input (e.g. output_size); a factorized "
+                          "layer takes only the input")
+        lp.macs_before = lp.macs_after = conv_macs(m, call.out_shape, call.in_shape)
         if not torch.isfinite(m.weight).all() or (m.bias is not None and not torch.isfinite(m.bias).all()):
             raise DecomposeError(f"layer {name} has NaN or Inf weights; fix or retrain the model "
                                  "before decomposing it")

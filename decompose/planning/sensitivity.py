@@ -13,8 +13,8 @@ offer it (each method, variant and rank: the candidates of :mod:`decompose.metho
 over all images and output positions, with ``x`` the input the conv receives in the original
 network, and the budget minimises ``sum e(T)^2`` (``DecomposeConfig(allocation="output")``,
 ``--allocate output``). Every conv type the engine accepts is handled the same way: the
-residual kernel runs through the conv's own ``_conv_forward`` (stride, dilation, groups,
-padding modes). Memory is bounded by one batch: sums of squares are accumulated in forward
+residual kernel runs through the conv's own operation (:func:`decompose.methods.convs.run_conv`:
+stride, dilation, groups, padding modes; a transposed conv's output_padding). Memory is bounded by one batch: sums of squares are accumulated in forward
 hooks, nothing is kept.
 """
 
@@ -32,7 +32,7 @@ from ..config import DecomposeConfig
 from ..engine.trace import Call
 from ..errors import DecomposeError
 from ..methods.base import Candidate
-from ..methods.convs import conv_prefix, is_conv
+from ..methods.convs import conv_prefix, is_factorizable, run_conv, transposed
 from .plan import _key, decomposed_parts, layer_candidates, layer_skip, method_skip, selected
 
 #: name -> candidate label -> rank key -> relative output error
@@ -71,7 +71,7 @@ class _Accumulator:
         if prefix is not None:  # a 'same'-padding conv pads before its conv
             x = prefix(x)
         with torch.no_grad():
-            y = self.conv._conv_forward(x, self.conv.weight, None)
+            y = run_conv(self.conv, x, self.conv.weight, None)
             if self.res is None:
                 self._start(x, y)
             self.ref += float(y.double().pow(2).sum())
@@ -79,13 +79,20 @@ class _Accumulator:
                 if not len(res):
                     continue
                 if self.conv.groups == 1:  # all options in one conv: residuals stacked on C_out
-                    n, c_out = res.shape[:2]
-                    z = self.conv._conv_forward(x, res.reshape(n * c_out, *res.shape[2:]), None)
+                    n = res.shape[0]
+                    if transposed(self.conv):  # (n, C_in, C_out, *k) -> (C_in, n*C_out, *k)
+                        c_out = res.shape[2]
+                        stacked = res.transpose(0, 1).reshape(res.shape[1], n * c_out,
+                                                               *res.shape[3:])
+                    else:
+                        c_out = res.shape[1]
+                        stacked = res.reshape(n * c_out, *res.shape[2:])
+                    z = run_conv(self.conv, x, stacked, None)
                     sq = z.double().pow(2).unflatten(1, (n, c_out)).transpose(0, 1)
                     self.err[k] += sq.reshape(n, -1).sum(1)
                 else:
                     for i, r in enumerate(res):
-                        self.err[k][i] += float(self.conv._conv_forward(x, r, None).double()
+                        self.err[k][i] += float(run_conv(self.conv, x, r, None).double()
                                                 .pow(2).sum())
 
     def curves(self) -> dict[str, dict[str, float]]:
@@ -123,7 +130,7 @@ def output_error_curves(model: nn.Module, batches: Iterable[Any], *,
     hooks = []
     parts = decomposed_parts(model)
     for name, m in model.named_modules():
-        if not is_conv(m) or name in parts or layer_skip(m) is not None:
+        if not is_factorizable(m) or name in parts or layer_skip(m) is not None:
             continue
         usable, why = method_skip(m, methods)
         if why is not None or selected(name, m, config, None) is not None:

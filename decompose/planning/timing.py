@@ -40,7 +40,7 @@ from ..engine.trace import calls_for, capture_inputs
 from ..errors import BudgetError
 from ..measure.clock import Timer, allocator_settings, compare_latency, speedups
 from ..methods.base import Method
-from ..methods.convs import is_conv
+from ..methods.convs import is_conv, is_factorizable
 from ..methods.module import LowRankConv
 from .budget import Option, optimise
 
@@ -60,6 +60,7 @@ def _geometry(conv: nn.Module, x: torch.Tensor) -> tuple:
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return (type(conv).__name__, tuple(conv.weight.shape), conv.stride, str(conv.padding),
             conv.dilation, conv.groups, conv.padding_mode, conv.bias is not None,
+            getattr(conv, "output_padding", None),
             tuple(x.shape), cl, x.dtype, str(x.device))
 
 
@@ -94,7 +95,7 @@ class LayerTimer:
 
     def input_of(self, name: str) -> torch.Tensor:
         if self._inputs is None:
-            names = [n for n, m in self.model.named_modules() if is_conv(m)]
+            names = [n for n, m in self.model.named_modules() if is_factorizable(m)]
             self._inputs = capture_inputs(self.model, names, self.x)
         return self._inputs[name]
 

@@ -35,7 +35,8 @@ from ..engine.trace import device_of as _device
 from ..engine.trace import eval_mode
 from ..errors import DecomposeError
 from ..kernels import lstsq
-from ..methods.convs import is_conv, set_weights
+from ..kernels.transposed import own_layout, regular_layout
+from ..methods.convs import is_factorizable, set_weights, transposed
 from ..methods.module import LowRankConv, is_lowrank
 from ..progress import progress as _progress
 from ._replay import GraphReplay, HookReplay, call_order
@@ -164,16 +165,16 @@ class _Layer:
     # nn.Identity
 
 
-def _folded_bns(model: nn.Module, original: nn.Module) -> dict[str, str]:
+def _folded_bns(model: nn.Module, original: nn.Module, example: Any) -> dict[str, str]:
     """conv name -> BN name for BNs folded into convs of ``model`` (Identity there, BN in
-    ``original``)."""
+    ``original``); ``example()``: an input batch, for an original fx cannot trace."""
     maybe = any(isinstance(m, nn.Identity)
                 and isinstance(_submodule(original, n), nn.modules.batchnorm._BatchNorm)
                 for n, m in model.named_modules())
     if not maybe:
         return {}
     from ..engine.fold import find_conv_bn_pairs
-    return {c: b for c, b in find_conv_bn_pairs(original)
+    return {c: b for c, b in find_conv_bn_pairs(original, example=example())
             if isinstance(_submodule(model, b), nn.Identity)}
 
 
@@ -185,13 +186,13 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
 
 
 _GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-             "groups", "padding_mode")
+             "groups", "padding_mode", "transposed", "output_padding")
 
 
 def _match(name: str, seq: LowRankConv, original: nn.Module, folded: dict[str, str]) -> _Layer:
     conv = _submodule(original, name)
     fix = "pass the untouched model the factorized one was made from (copy.deepcopy it first)"
-    if conv is None or not is_conv(conv):
+    if conv is None or not is_factorizable(conv):
         raise DecomposeError(f"the original model has no conv named {name}; {fix}")
     if any(getattr(seq, a) != getattr(conv, a) for a in _GEOMETRY):
         raise DecomposeError(f"layer {name} does not match the original conv {tuple(conv.weight.shape)} "
@@ -279,7 +280,7 @@ def generic_refit(module: LowRankConv, m: lstsq.Moments, *, ridge: float, iterat
 
     def loss_of() -> torch.Tensor:
         w, b = method.compose(module)
-        w = w.double().reshape(g, module.out_channels // g, -1)
+        w = regular_layout(w, g, transposed(module)).double().reshape(g, module.out_channels // g, -1)
         b = None if b is None else b.double().reshape(g, -1)
         return lstsq.objective(lstsq.with_bias(w, b), m).sum()
 
@@ -330,7 +331,8 @@ def _solve(layer: _Layer, m: lstsq.Moments, joint: bool, ridge: float, iteration
         return generic_refit(layer.seq, m, ridge=ridge, iterations=iterations, add_bias=add_bias)
     last = layer.seq[-1]
     g = last.groups
-    w = last.weight.detach().double().reshape(g, last.out_channels // g, -1)
+    tr = transposed(last)  # a transposed conv's patches pair with its adjoint-layout weight
+    w = regular_layout(last.weight.detach(), g, tr).double().reshape(g, last.out_channels // g, -1)
     bias = last.bias.detach().double().reshape(g, -1) if last.bias is not None else None
     if bias is None and add_bias:
         bias = torch.zeros(w.shape[:2], dtype=torch.float64, device=w.device)
@@ -338,7 +340,8 @@ def _solve(layer: _Layer, m: lstsq.Moments, joint: bool, ridge: float, iteration
     w2, b2 = lstsq.full_solve(m, w, bias, ridge)
     after = _objective(w2, b2, m)
     if after <= before:
-        set_weights(last, w2, b2)
+        kernel = w2.reshape(last.out_channels, last.in_channels // g, *last.kernel_size)
+        set_weights(last, own_layout(kernel, g, tr), b2)
     return before, min(before, after)
 
 
@@ -392,7 +395,8 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any],
                              "decompose.api.plain_forms_(model), then calibrate")
     t0 = time.perf_counter()
     inputs = _Inputs(batches, samples)
-    folded = _folded_bns(model, original)
+    folded = _folded_bns(model, original,
+                         lambda: next(iter(inputs))[:2].to(_device(original)))
     layers = [_match(n, model.get_submodule(n), original, folded) for n in names]
     dev_m, dev_o = _device(model), _device(original)
     results: list[LayerCalibration] = []
@@ -416,7 +420,7 @@ def calibrate_(model: nn.Module, original: nn.Module, batches: Iterable[Any],
         for layer in bar:
             t1 = time.perf_counter()
             joint, note = _wants_joint(layer, joint_fit)
-            if not joint and not is_conv(list(layer.seq)[-1]):
+            if not joint and not is_factorizable(list(layer.seq)[-1]):
                 joint, note = True, "its last part is not a conv: fitted jointly"
             m: lstsq.Moments | None = None
             n_images = 0

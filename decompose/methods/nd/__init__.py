@@ -26,19 +26,29 @@ from ...kernels.nd import (
     rebuild,
     singular_values,
 )
+from ...kernels.transposed import own_layout
 from ..base import Candidate, Method, bias_params, pixels
-from ..convs import taps
+from ..convs import taps, transposed, transposed_input_size
 from ..module import LowRankConv
 from ..registry import register
 from . import forms, refit
 from .forms import compose
-from .layers import decouple_conv, is_decoupled
+from .layers import decouple_conv, is_decoupled, kernel
 
 
 def costs(conv: nn.Module, call: Any, order: str) -> tuple[int, int]:
     """(MACs, params) per unit of rank T for one order, from the traced shapes."""
     c_in, c_out, g, k = conv.in_channels, conv.out_channels, conv.groups, taps(conv)
-    in_px, out_px = pixels(call.in_shape), pixels(call.out_shape)
+    out_px = pixels(call.out_shape)
+    in_px = (pixels(call.in_shape) if len(call.in_shape) == len(call.out_shape) else
+             math.prod(transposed_input_size(conv, call.out_shape[2:])))
+    if transposed(conv):  # a transposed conv costs C_in * C_out/g * K per *input* position
+        if order == "dw-pw":
+            # depthwise transposed C_in -> C_in*T from the input, then 1x1 at the output size
+            return (c_in * k * in_px + c_out * (c_in // g) * out_px,
+                    c_in * k + c_out * (c_in // g))
+        # 1x1 C_in -> C_out*T at the input size, then depthwise transposed C_out*T -> C_out
+        return c_out * (c_in // g) * in_px + c_out * k * in_px, c_out * (c_in // g) + c_out * k
     if order == "dw-pw":
         # depthwise C_in -> C_in*T at the output size, then 1x1 C_in*T -> C_out (groups g)
         return c_in * k * out_px + c_out * (c_in // g) * out_px, c_in * k + c_out * (c_in // g)
@@ -63,6 +73,7 @@ class NetworkDecoupling(Method):
     has_energy = True
     form_names = ("plain", "dw1")
     custom_modules = (forms.RepeatChannels, forms.SumChannelGroups)
+    supports_transposed = True
 
     def skip_reason(self, conv: nn.Module) -> str | None:
         return structural_skip(conv)
@@ -70,7 +81,7 @@ class NetworkDecoupling(Method):
     def candidates(self, conv, call, *, ranks=None, variants=None, seed=0) -> list[Candidate]:
         out = []
         for order in variants or self.variants:
-            s = singular_values(conv.weight, conv.groups, order)
+            s = singular_values(kernel(conv), conv.groups, order)
             full = int(s.shape[1])
             if ranks is None:
                 rs = list(range(1, full + 1))
@@ -94,12 +105,12 @@ class NetworkDecoupling(Method):
     def factors(self, conv: nn.Module, cand: Candidate):
         f = cand.state.get("factors")
         if f is None:
-            f = cand.state["factors"] = factorize(conv.weight, conv.groups, cand.variant)
+            f = cand.state["factors"] = factorize(kernel(conv), conv.groups, cand.variant)
         return f
 
     def approx_kernel(self, conv, cand, i) -> torch.Tensor:
-        f = factorize(conv.weight.detach().double(), conv.groups, cand.variant)
-        return rebuild(f, cand.ranks[i])
+        f = factorize(kernel(conv).detach().double(), conv.groups, cand.variant)
+        return own_layout(rebuild(f, cand.ranks[i]), conv.groups, transposed(conv))
 
     def build(self, conv, cand, i, form="plain") -> LowRankConv:
         seq = decouple_conv(conv, cand.ranks[i], cand.variant, factors=self.factors(conv, cand))
@@ -109,14 +120,20 @@ class NetworkDecoupling(Method):
         return compose(module)
 
     def forms(self, module: LowRankConv) -> tuple[str, ...]:
-        return ("plain",) if module.rank == 1 else self.form_names
+        if module.rank == 1 or module.transposed:  # no dw1 / dense form of a transposed layer
+            return ("plain",)
+        return self.form_names
 
     def to_form(self, module: LowRankConv, form: str) -> LowRankConv:
         if form == module.form:
             return module
+        if module.transposed:
+            raise ValueError(f"a decoupled transposed conv has only the plain form, not {form!r}")
         return forms.to_plain(module) if form == "plain" else forms.fast_form(module, form)
 
     def auto_form(self, module: LowRankConv) -> str | None:
+        if module.transposed:
+            return "plain"
         f = forms.auto_form(module)
         return None if f == "dense" else f
 
@@ -125,6 +142,8 @@ class NetworkDecoupling(Method):
                 f"{forms.AUTO_MARGIN}; the dense conv is as fast")
 
     def composable(self, module: LowRankConv) -> bool:
+        if module.transposed:  # fine-tuning's dense form runs regular convs only
+            return False
         plain = forms.to_plain(module)
         pw = plain.conv_pw
         return not (module.variant == "pw-dw" and pw.bias is not None) and all(

@@ -39,6 +39,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ...kernels.transposed import adjoint
 from ..convs import CONV_TYPES, conv_dim
 from ..module import LowRankConv
 from .layers import decoupled_form, decoupled_order, decoupled_rank, is_decoupled, wrap
@@ -323,15 +324,20 @@ def form_name(m: nn.Module) -> str:
 
 def compose(m: LowRankConv) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(W_T, bias)`` of the dense conv equal to the decoupled layer ``m``; differentiable in
-    the plain form (the dw1 form is composed through its plain equivalent)."""
+    the plain form (the dw1 form is composed through its plain equivalent). A decoupled
+    transposed conv composes to the transposed conv's weight layout ``(C_in, C_out/g, *k)``."""
     if m.form != "plain":
         m = to_plain(m)
-    return compose_pair(m.conv_dw, m.conv_pw, m.variant, int(m.rank))
+    w, b = compose_pair(m.conv_dw, m.conv_pw, m.variant, int(m.rank))
+    if getattr(m, "transposed", False):
+        w = adjoint(w, m.groups)
+    return w, b
 
 
 def compose_pair(dw: nn.Module, pw: nn.Module, order: str, t: int
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W_T, bias)`` of one depthwise conv and one 1x1 conv of ``t`` terms in ``order``."""
+    """``(W_T, bias)`` of one depthwise conv and one 1x1 conv of ``t`` terms in ``order``, in
+    the regular layout (a depthwise transposed conv's weight reshapes to the same factors)."""
     k = tuple(dw.weight.shape[2:])
     taps = dw.weight[0, 0].numel()
     if order == "dw-pw":  # dw: C_in -> C_in*T (groups C_in); pw: -> C_out (g)

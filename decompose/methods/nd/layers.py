@@ -10,7 +10,8 @@ from collections import OrderedDict
 from torch import nn
 
 from ...kernels.nd import Factors, depthwise_pointwise_weights, factorize
-from ..convs import conv_dim, is_conv, new_conv
+from ...kernels.transposed import regular_layout
+from ..convs import conv_dim, is_factorizable, new_conv, transposed
 from ..module import LowRankConv, is_lowrank
 
 NAME = "nd"
@@ -41,6 +42,12 @@ def wrap(parts: OrderedDict, like: nn.Module, order: str, rank: int, form: str) 
     return LowRankConv(parts, like=like, method=NAME, variant=order, rank=rank, form=form)
 
 
+def kernel(conv: nn.Module):
+    """The kernel Network Decoupling factors: a regular conv's weight, or a transposed conv's
+    in the adjoint layout ``(C_out, C_in/g, *k)`` (:mod:`decompose.kernels.transposed`)."""
+    return regular_layout(conv.weight, conv.groups, transposed(conv))
+
+
 def decouple_conv(conv: nn.Module, rank: int, order: str = "dw-pw",
                   factors: Factors | None = None) -> LowRankConv:
     """Replace one conv by ``T = rank`` depthwise-separable terms (capped at the full rank).
@@ -51,10 +58,16 @@ def decouple_conv(conv: nn.Module, rank: int, order: str = "dw-pw",
     ConvNd(C_out*T, C_out, k, stride, padding, dilation, groups=C_out, bias, padding_mode).
     Padding commutes with a bias-free 1x1 conv for every padding mode, so both are exact at full
     rank. The result carries ``conv``'s geometry (a drop-in: ``.stride``, ``.weight``, ...).
+
+    A transposed conv (``ConvTransposeNd``) is decoupled from its adjoint-layout kernel
+    (:func:`kernel`): ``conv_dw`` is then a depthwise ConvTransposeNd carrying the stride,
+    padding, output_padding and dilation (weight ``(C_in, T, *k)`` in dw-pw, ``(C_out*T, 1,
+    *k)`` in pw-dw), ``conv_pw`` the same 1x1 ConvNd; both orders are exact at full rank.
     """
-    if not is_conv(conv):
-        raise TypeError(f"expected Conv1d/2d/3d, got {type(conv).__name__}")
-    f = factors if factors is not None else factorize(conv.weight, conv.groups, order)
+    if not is_factorizable(conv):
+        raise TypeError(f"expected Conv1d/2d/3d or ConvTranspose1d/2d/3d, got "
+                        f"{type(conv).__name__}")
+    f = factors if factors is not None else factorize(kernel(conv), conv.groups, order)
     t = min(int(rank), f.max_rank)
     first, second = depthwise_pointwise_weights(f, t)
     c_in, c_out, g = conv.in_channels, conv.out_channels, conv.groups
@@ -62,6 +75,8 @@ def decouple_conv(conv: nn.Module, rank: int, order: str = "dw-pw",
     bias = conv.bias.detach() if conv.bias is not None else None
     spatial = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                    padding_mode=conv.padding_mode)
+    if transposed(conv):
+        spatial.update(transposed=True, output_padding=conv.output_padding)
     if f.order == "dw-pw":
         dw = new_conv(conv, c_in, c_in * t, conv.kernel_size, groups=c_in, weight=first,
                       **spatial)
