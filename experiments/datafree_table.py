@@ -10,7 +10,7 @@ the stem (``conv1``) is decoupled, and we measure:
   on the same images;
 * the measured speed-up of the whole model (original ms / decomposed ms, median of interleaved
   rounds, batch 1, one thread), for the module decompose writes ("plain": conv_dw + conv_pw)
-  and for the exact "dw1" form of decompose.fast (depthwise conv with channel multiplier 1).
+  and for the exact "dw1" form of decompose.methods.nd.forms (depthwise conv with channel multiplier 1).
 
 Layers are decoupled at rank T even where that costs *more* multiply-adds than the original
 conv (high T on the 16-channel layers): ``decompose --rank T`` would leave those layers alone;
@@ -19,7 +19,7 @@ here they are forced so that every row decouples the same layers.
 Budget (2 shared cores): evaluating the plain decoupled modules is slow (grouped convs with a
 channel multiplier T run far below their arithmetic), 36 s per 2000 images for ResNet-20 at T=3
 against 10 s for the original. Top-1 is therefore computed with every decoupled layer in
-decompose.methods.nd.forms's "dense" form: one conv with the rebuilt rank-T kernel W_T, the same function up
+decompose.methods.nd.forms' "dense" form: one conv with the rebuilt rank-T kernel W_T, the same function up
 to float rounding. Each setting checks that the plain model makes the same predictions as the
 dense one on CHECK_IMAGES images. Total runtime with the defaults: 22 minutes (measured).
 
@@ -102,7 +102,7 @@ def decouple_all(model: torch.nn.Module, rank: int, order: str) -> tuple[torch.n
 
 
 def in_form(model: torch.nn.Module, names: list[str], form: str) -> torch.nn.Module:
-    """A copy with every decoupled layer in one of decompose.methods.nd.forms's exact forms."""
+    """A copy with every decoupled layer in one of decompose.methods.nd.forms' exact forms."""
     new = copy.deepcopy(model)
     for n in names:
         replace_module(new, n, fast_form(new.get_submodule(n), form))
@@ -292,7 +292,7 @@ the original conv, which `decompose --rank T` would refuse.
   of the decomposed model; it hints at the ratio on an idle machine (this one was shared with
   other jobs, whose load adds time to both sides and pulls the median towards 1), but it rests
   on one round each and jumps. *plain*: the module decompose writes (conv_dw + conv_pw);
-  *dw1*: decompose.methods.nd.forms's exact form with channel multiplier 1 (the same module as plain at
+  *dw1*: decompose.methods.nd.forms' exact form with channel multiplier 1 (the same module as plain at
   T = 1).
 
 """

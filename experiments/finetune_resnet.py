@@ -28,6 +28,7 @@ from _paths import TEST, TRAIN, load_resnet56
 
 import decompose
 from decompose.data import calibration_batches, make_loader
+from decompose.io.files import load_model
 from decompose.recover.finetune import (
     FinetuneConfig,
     FinetuneReport,
@@ -70,6 +71,9 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="label-free calibration on N training images before fine-tuning "
                          "(decompose.calibrate_); 0 = none")
+    ap.add_argument("--decomposed", default=None, metavar="FILE",
+                    help="fine-tune this decompose file (e.g. made by the CLI with --method auto "
+                         "--target-latency 0.7 --calibrate) instead of decomposing here")
     ap.add_argument("--estimate-only", action="store_true", help="time, print, stop")
     ap.add_argument("--workdir", default="/tmp/finetune_resnet")
     args = ap.parse_args()
@@ -82,10 +86,14 @@ def main() -> None:
         print(f"[{(time.time() - t_start) / 60:5.1f} min] {what}", flush=True)
 
     teacher = load_resnet56()
-    student = copy.deepcopy(teacher)
-    rule = {"rank": args.rank} if args.rank else {"target_macs": args.target_macs}
-    rep = decompose.decompose_(student, exclude=("conv1",), **rule)
-    tot = rep.totals
+    if args.decomposed:
+        loaded = load_model(args.decomposed)
+        student, tot = loaded.model, loaded.meta["totals"]
+    else:
+        student = copy.deepcopy(teacher)
+        rule = {"rank": args.rank} if args.rank else {"target_macs": args.target_macs}
+        rep = decompose.decompose_(student, exclude=("conv1",), **rule)
+        tot = rep.totals
     print(f"decomposed {tot['layers_decomposed']} convs: their multiply-adds "
           f"{tot['decomposed_macs_before'] / 1e6:.1f}M -> {tot['decomposed_macs_after'] / 1e6:.1f}M "
           f"({tot['decomposed_macs_before'] / tot['decomposed_macs_after']:.2f}x fewer); whole "
