@@ -163,8 +163,11 @@ def test_budget_plan_builds_what_it_reports_and_survives_save_load_export(name, 
     assert res.max_rel_err is not None and res.max_rel_err < 1e-4
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("name", methods.names())
-def test_calibration_lowers_the_output_error(name):
+def test_calibration_lowers_the_output_error(name, channels_last):
+    """Every method's refit works in both layouts (L-BFGS once failed on channels_last grads)
+    and a channels_last model stays channels_last."""
     torch.manual_seed(1)
     original = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(),
                              nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(),
@@ -174,12 +177,17 @@ def test_calibration_lowers_the_output_error(name):
     calib, held = list(base[:64].split(16)), base[64:]
     plain = copy.deepcopy(original)
     cfg = decompose.DecomposeConfig(method=name, target_macs=0.4, input_shape=(3, 12, 12),
-                                    exclude=("0",))
+                                    exclude=("0",), channels_last=channels_last)
     decompose.decompose_(plain, cfg)
     fitted = copy.deepcopy(original)
     rep = decompose.decompose_(fitted, cfg, calibration=calib, progress=False,
                                calibration_config=decompose.CalibrationConfig(samples=64))
     assert rep.calibration["layers"], name
+    if channels_last:
+        from decompose.engine.layout import is_channels_last
+        assert is_channels_last(fitted)
+        assert all(p.is_contiguous(memory_format=torch.channels_last)
+                   for p in fitted.parameters() if p.dim() == 4)
     with torch.no_grad():
         ref = original(held)
         before, after = _rel(plain(held), ref), _rel(fitted(held), ref)

@@ -264,8 +264,7 @@ def generic_refit(module: LowRankConv, m: lstsq.Moments, *, ridge: float, iterat
     objective before and after (the factors are kept only if it fell)."""
     method = registry.get(module.method)
     params = [p for p in module.parameters()]
-    saved = [p.detach().clone() for p in params]
-    dtypes = [p.dtype for p in params]
+    saved = [p.detach().clone() for p in params]  # clone keeps the memory layout
     bias_param = None
     last = module[-1]
     if add_bias and module.bias is None and hasattr(last, "bias") and last.bias is None:
@@ -274,7 +273,6 @@ def generic_refit(module: LowRankConv, m: lstsq.Moments, *, ridge: float, iterat
         bias_param = last.bias
         params.append(bias_param)
         saved.append(bias_param.detach().clone())
-        dtypes.append(bias_param.dtype)
     g = module.groups
     scale = max(float(m.yy.sum()), 1e-30)
 
@@ -286,9 +284,9 @@ def generic_refit(module: LowRankConv, m: lstsq.Moments, *, ridge: float, iterat
 
     with torch.no_grad():
         before = float(loss_of())
-    originals = [p.detach().double().clone() for p in params]
-    for p in params:
-        p.data = p.data.double()
+    originals = [p.detach().double().contiguous() for p in params]
+    for p in params:  # L-BFGS flattens with .view(-1): contiguous here (channels_last is not)
+        p.data = p.data.double().contiguous()
     lam = ridge * scale / max(sum(p.numel() for p in params), 1)
     opt = torch.optim.LBFGS(params, lr=1, max_iter=steps, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-12,
@@ -307,8 +305,8 @@ def generic_refit(module: LowRankConv, m: lstsq.Moments, *, ridge: float, iterat
             opt.step(closure)
     with torch.no_grad():
         after = float(loss_of())
-    for p, dt in zip(params, dtypes):
-        p.data = p.data.to(dt)
+    for p, s0 in zip(params, saved):  # back to each factor's dtype and memory layout
+        p.data = torch.empty_like(s0).copy_(p.data)
         p.grad = None
     if not (after <= before) or not math.isfinite(after):
         with torch.no_grad():
