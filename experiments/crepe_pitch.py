@@ -53,6 +53,7 @@ import json
 import platform
 import re
 import sys
+import textwrap
 import time
 import types
 from pathlib import Path
@@ -241,15 +242,14 @@ def accuracy(args, tc) -> None:
     x = normalise(frames)
     calib = normalise(calibration_set(args.calib_frames))
     calib_batches = list(calib.split(64))
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
-    d = data["models"].setdefault(args.model, {"rows": []})
     t0 = time.perf_counter()
     ref = predict(original, x)
     base = score(ref, cents, snr)
-    d.update(test_frames=args.test_frames, calib_frames=args.calib_frames, original=base,
-             original_seconds=time.perf_counter() - t0, torch=torch.__version__,
-             torchcrepe=getattr(tc, "__version__", "0.0.24"), threads=torch.get_num_threads(),
-             params=sum(p.numel() for p in original.parameters()), test_seed=0, calib_seed=1)
+    info = dict(test_frames=args.test_frames, calib_frames=args.calib_frames, original=base,
+                original_seconds=time.perf_counter() - t0, torch=torch.__version__,
+                torchcrepe=getattr(tc, "__version__", "0.0.24"), threads=torch.get_num_threads(),
+                params=sum(p.numel() for p in original.parameters()), test_seed=0, calib_seed=1)
+    d = _update(args.model, lambda d: d.update(info))
     print(f"CREPE {args.model}: RPA {base['rpa']:.2%}, mean {base['mean_cents']:.1f} / median "
           f"{base['median_cents']:.1f} cents on {args.test_frames} frames "
           f"({d['original_seconds']:.1f} s)", flush=True)
@@ -264,7 +264,7 @@ def accuracy(args, tc) -> None:
         except decompose.errors.BudgetError as e:
             r = {"row": row, "note": str(e).split(";")[0]}
             print(f"{row:20s} {r['note']}", flush=True)
-            _store(data, d, r)
+            _store(args.model, r)
             continue
         seconds = time.perf_counter() - t0
         t = rep.totals
@@ -289,7 +289,7 @@ def accuracy(args, tc) -> None:
             out = predict(model, x)
             r["calibrated"] = score(out, cents, snr)
             r["output_rel_error_calibrated"] = float((out - ref).norm() / ref.norm())
-        _store(data, d, r)
+        _store(args.model, r)
         cal_txt = (f" -> {r['calibrated']['rpa']:.2%} / {r['calibrated']['mean_cents']:.1f} c "
                    f"({r['calib_seconds']:.1f} s, {r['calib_mode']})" if "calibrated" in r else "")
         print(f"{row:20s} MACs x{r['macs_ratio']:.3f} params x{r['params_ratio']:.3f} "
@@ -297,15 +297,25 @@ def accuracy(args, tc) -> None:
               f"{r['datafree']['mean_cents']:.1f} c{cal_txt}  [{_plan_text(r)}]", flush=True)
 
 
-def _store(data: dict, d: dict, r: dict) -> None:
-    d["rows"] = [x for x in d["rows"] if x["row"] != r["row"]] + [r]
+def _update(model: str, change) -> dict:
+    """Re-read the JSON, apply ``change`` to this model's entry, write it back: runs for the
+    other model (or the other phase) in between are kept."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    d = data["models"].setdefault(model, {"rows": []})
+    change(d)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))
+    return d
+
+
+def _store(model: str, r: dict) -> None:
+    def put(d):
+        d["rows"] = [x for x in d["rows"] if x["row"] != r["row"]] + [r]
+    _update(model, put)
 
 
 def speed(args, tc) -> None:
-    data = json.loads(RESULTS.read_text())
-    d = data["models"][args.model]
+    d = json.loads(RESULTS.read_text())["models"][args.model]
     original = load_crepe(tc, args.model)
     models = {"original": original}
     for r in d["rows"]:
@@ -315,22 +325,27 @@ def speed(args, tc) -> None:
         _quiet(decompose.decompose_, m, config(r["row"]))
         models[r["row"]] = m.eval()
     g = torch.Generator().manual_seed(0)
-    timing = {}
+    timing, found = {}, {}
     with torch.no_grad():
         for batch in [int(b) for b in args.batches.split(",")]:
             xb = normalise(torch.randn(batch, WINDOW, generator=g).numpy())
             res = compare_latency(models, xb, repeats=args.repeats, warmup=2, threads=1)
             sp = speedups(res, "original")
             timing[f"b{batch}"] = res["original"].median_ms
-            for r in d["rows"]:
-                if r["row"] in sp:
-                    r.setdefault("speedup", {})[f"b{batch}"] = sp[r["row"]]
+            for row, v in sp.items():
+                found.setdefault(row, {})[f"b{batch}"] = v
             print(f"batch {batch}: original {res['original'].median_ms:.1f} ms; " + ", ".join(
                 f"{k} {v:.2f}x" for k, v in sp.items() if k != "original"), flush=True)
-    d["speed"] = {"threads": 1, "repeats": args.repeats, "original_ms": timing,
+    speed_info = {"threads": 1, "repeats": args.repeats, "original_ms": timing,
                   "machine": platform.machine(), "when": time.strftime("%Y-%m-%d"),
                   "provisional": args.provisional}
-    RESULTS.write_text(json.dumps(data, indent=1))
+
+    def put(d):
+        for r in d["rows"]:
+            if r["row"] in found:
+                r["speedup"] = found[r["row"]]
+        d["speed"] = speed_info
+    _update(args.model, put)
 
 
 # ------------------------------------------------------------------------------- the doc
@@ -364,19 +379,21 @@ def write_doc() -> None:
            "1 thread, median of paired interleaved rounds. *MACs F* is `target_macs=F`, the "
            "budget over the decomposable convs. All six convs are (K x 1) kernels (512 x 1 "
            "then 64 x 1); conv1 has a single input channel, where ND's dw-pw order is a "
-           "truncated SVD of the 512-tap filter bank and pw-dw is exact at rank 1 but never "
-           "cheaper, so the planner takes dw-pw.", ""]
+           "truncated SVD of the 512-tap filter bank; pw-dw is exact at rank 1 but never "
+           "cheaper, so forced full rank uses pw-dw and every truncated plan dw-pw."]
+    out = [BEGIN, "", textwrap.fill(" ".join(out[2:]), 100), ""]
     for name in ("tiny", "full"):
         d = data["models"].get(name)
-        if not d:
+        done = [r for r in (d or {}).get("rows", []) if "macs_before" in r]
+        if not done:
             continue
         o = d["original"]
         prov = " (provisional: timed on a shared machine)" if d.get("speed", {}).get(
             "provisional") else ""
         ms = d.get("speed", {}).get("original_ms", {})
-        ms_txt = ", ".join(f"{k[1:]} frames {v:.1f} ms" for k, v in ms.items())
+        ms_txt = ", ".join(f"batch {k[1:]} {v:.1f} ms" for k, v in ms.items())
         out += [f"### CREPE {name}: {d['params'] / 1e6:.2f} M params, "
-                f"{d['rows'][0]['macs_before'] / 1e6:.1f} M MACs per frame",
+                f"{done[0]['macs_before'] / 1e6:.1f} M MACs per frame",
                 "",
                 f"Original: RPA {100 * o['rpa']:.2f}%, {o['mean_cents']:.1f} / "
                 f"{o['median_cents']:.1f} cents on {d['test_frames']} test frames; calibration "
