@@ -196,6 +196,37 @@ def test_untraceable_model_falls_back_to_recompute_and_agrees():
         torch.testing.assert_close(dec(x), seq_dec(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_forward_flag_with_a_default_still_traces_and_agrees():
+    """``forward(x, embed=False)`` with ``if embed:`` (torchcrepe's Crepe) stopped torch.fx, so
+    calibration fell back to re-running the models per layer; calibrate_ only ever calls
+    ``model(x)``, so the flag is traced at its default and the pass is replayed."""
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x, embed=False, scale=None):
+            h = self.a(x).relu()
+            if embed:
+                return h
+            if scale is not None:
+                h = h * scale
+            return self.b(h)
+
+    original, dec = decomposed(Flagged(), rank=1, input_shape=(3, 12, 12))
+    dec2 = copy.deepcopy(dec)
+    x = smooth(32, 3, 12, 12)
+    rep = calibrate_(dec, original, x, progress=False)
+    assert rep.mode == "replay"
+    seq_orig = nn.Sequential(original.a, nn.ReLU(), original.b)
+    seq_dec = nn.Sequential(dec2.a, nn.ReLU(), dec2.b)
+    calibrate_(seq_dec, seq_orig, x, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(x), seq_dec(x), rtol=1e-4, atol=1e-5)
+        assert dec(x, embed=True).shape == (32, 8, 12, 12)  # the flag still works afterwards
+
+
 def test_shared_and_unused_layers_are_skipped_and_said_so():
     class Twice(nn.Module):
         def __init__(self):

@@ -181,6 +181,32 @@ def test_untraceable_model_folds_by_forward_hooks_without_a_warning(recwarn):
     assert not [w for w in recwarn if "folded wrongly" in str(w.message)]
 
 
+class Flagged(nn.Module):
+    """torchcrepe's Crepe shape: ``forward(x, embed=False)`` branches on the flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x, embed=False):
+        if embed:
+            return x
+        return self.block(x)
+
+
+def test_a_forward_flag_with_a_default_is_traced_at_its_default():
+    g = torch.Generator().manual_seed(5)
+    model = Flagged().eval()
+    _randomise_bn(model.block[1], g)
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    with torch.no_grad():
+        before = model(x)
+    res = fold_bn_(model, (3, 6, 6))
+    assert res.how == "fx" and res.folded == [("block.0", "block.1")]
+    with torch.no_grad():
+        assert _rel(model(x), before) < RTOL_F32
+
+
 class ReadsConvOutputToo(nn.Module):
     """Untraceable, and its conv's output is read twice: by the BN and by the sum."""
 

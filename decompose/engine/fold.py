@@ -41,6 +41,7 @@ from ..errors import DecomposeError, first_line
 from ..methods import conv_prefix, helper_modules
 from ..methods.convs import is_factorizable, transposed
 from .surgery import replace_module
+from .trace import fx_defaults
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -121,7 +122,7 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(module: nn.Module) -> fx.Graph:
-    return _Tracer().trace(module)
+    return _Tracer().trace(module, concrete_args=fx_defaults(module))
 
 
 def _bns(model: nn.Module) -> dict[str, nn.Module]:

@@ -17,6 +17,7 @@ on the CPU inside ``forward``) is run for real on zeros instead, but only for in
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import math
 import re
@@ -47,6 +48,22 @@ class Call:
 def linear_macs(lin: nn.Linear, out_shape: tuple[int, ...]) -> int:
     rows = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
     return lin.in_features * lin.out_features * rows
+
+
+def fx_defaults(module: nn.Module) -> dict[str, object] | None:
+    """The defaults of ``module.forward``'s parameters after the input, for ``torch.fx``'s
+    ``concrete_args``: the graph is then traced as ``module(x)`` runs, so a flag such as
+    ``forward(x, embed=False)`` that steers an ``if`` no longer stops the trace (fx cannot
+    branch on a placeholder). Only plain values (None, bool, int, float, str) are fixed; None
+    when there is nothing to fix."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return None
+    fixed = {p.name: p.default for p in params
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and (p.default is None or type(p.default) in (bool, int, float, str))}
+    return fixed or None
 
 
 def param_count(module: nn.Module) -> int:

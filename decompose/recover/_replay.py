@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..engine.trace import fx_defaults
 from ..methods.convs import is_conv
 from ..methods.module import is_lowrank
 
@@ -156,7 +157,7 @@ class GraphReplay:
         ``names`` other than once."""
         self.walkers = []
         for root, x in zip((model, original), example):
-            w = _Walker(root, _Tracer().trace(root))
+            w = _Walker(root, _Tracer().trace(root, concrete_args=fx_defaults(root)))
             for name in names:
                 if len(w.calls.get(name, ())) != 1:
                     raise TypeError(f"{name} is called {len(w.calls.get(name, ()))} times in the graph")
