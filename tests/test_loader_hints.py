@@ -183,3 +183,32 @@ def test_a_refused_global_of_an_unreadable_pickle_is_still_named(tmp_path, monke
     monkeypatch.setattr(safeload, "_pickle_globals", lambda *a: None)
     msg = refusal(f)
     assert f"it asks for {__name__}.Configured" in msg and f"--allow {__name__}:Configured" in msg
+
+
+class WithGelu(nn.Module):
+    """As transformers' GELUActivation: keeps torch.nn.functional.gelu (torch._C._nn.gelu)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.functional.gelu
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_tensor_ops_of_torch_C_are_functions_to_allow_not_dangerous(tmp_path):
+    """Found by the zoo: every transformers model with GELU was refused as 'would run code'
+    (torch._C is a dangerous module), with no way to load it but --trust."""
+    f = tmp_path / "gelu.pt"
+    torch.save(WithGelu(), f)
+    msg = refusal(f)
+    flags = as_kwargs(hinted(msg))
+    assert flags == {"allow": [f"{__name__}:WithGelu"],
+                     "allow_functions": ["torch._C._nn:gelu"]}, msg
+    assert "do not load" not in msg
+    m = load_model(f, **flags).model
+    assert m.act is nn.functional.gelu
+    # the rest of torch._C stays out of reach
+    with pytest.raises(DecomposeError, match="arbitrary code"):
+        load_model(f, allow_functions=["torch._C:_get_tracing_state"])

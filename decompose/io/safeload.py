@@ -69,7 +69,16 @@ DANGEROUS_MODULES = frozenset({
 })
 
 
+#: tensor-op namespaces inside a dangerous module: functions that only compute on tensors
+#: (``torch.nn.functional.gelu`` is ``torch._C._nn.gelu``, which transformers' GELUActivation
+#: keeps as an attribute). Not allowed by default: hinted and allowed with --allow-function.
+TENSOR_OP_MODULES = frozenset({"torch._C._nn", "torch._C._fft", "torch._C._linalg",
+                               "torch._C._special"})
+
+
 def _dangerous(module: str) -> bool:
+    if module in TENSOR_OP_MODULES:
+        return False
     return any(module == m or module.startswith(m + ".") for m in DANGEROUS_MODULES)
 
 
@@ -618,6 +627,6 @@ def read_torch_file(path: str | os.PathLike, *, classes: Iterable[type] = (),
             raise _classify(p, e, everything) from None
 
 
-__all__ = ["DANGEROUS_MODULES", "allowed_classes", "allowed_functions", "allowlist",
+__all__ = ["DANGEROUS_MODULES", "TENSOR_OP_MODULES", "allowed_classes", "allowed_functions", "allowlist",
            "load_budget", "memory_bound", "read_torch_file", "refused", "safe_globals",
            "unallowed_globals"]
