@@ -40,8 +40,8 @@ pytestmark = pytest.mark.zoo
 def params(*checks):
     return pytest.mark.parametrize(
         "z", [pytest.param(z, id=z.name, marks=pytest.mark.skipif(
-            not z.available(), reason=f"{z.package} is not installed (the zoo extra: see "
-                                      "docs/zoo.md)")) for z in ZOO if all(c(z) for c in checks)])
+            not z.available(), reason=f"{z.package} is not installed (bash "
+                                      "tests/zoo/install.sh; docs/zoo.md)")) for z in ZOO if all(c(z) for c in checks)])
 
 
 # ------------------------------------------------------------------------------- helpers
