@@ -182,3 +182,20 @@ def test_checkpoint_without_num_batches_tracked_loads(tmp_path):
     torch.save({"state_dict": sd}, f)
     loaded = load_model(f, arch="builders:tiny")
     assert torch.equal(loaded.model[1].running_var, model[1].running_var)
+
+
+def test_a_model_holding_a_local_hook_names_it_when_it_cannot_be_saved(tmp_path):
+    """Found by the zoo (SegFormer): transformers installs forward hooks that are local
+    functions on a model's first forward; saving then failed with pickle's words only."""
+    model = tiny_cnn()
+
+    def install(module):
+        def capturing_hook(mod, args, out):
+            return None
+        module.register_forward_hook(capturing_hook)
+
+    install(model[3])
+    with pytest.raises(DecomposeError, match=r"3 \(capturing_hook\) holds a hook that is a "
+                                             r"local function.*state_dict.*--arch"):
+        save_model(model, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()

@@ -79,6 +79,30 @@ def test_the_factored_model_saves_loads_weights_only_and_says_what_was_baked(tmp
         assert torch.equal(loaded.model(x), want)
 
 
+def test_saving_a_copy_leaves_the_original_parametrized_and_running(tmp_path):
+    """Found by the zoo (Encodec): a deep copy shares its Parametrized class with the original,
+    and removing the parametrization deleted ``weight`` from that shared class, so saving a
+    copy broke the original ('ParametrizedConv1d' object has no attribute 'weight')."""
+    model = _model(3)
+    rep = decompose.decompose_(model, rank=1, input_shape=SHAPE)
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        want = model(x)
+    copied = copy.deepcopy(model)
+    assert type(copied[2]) is type(model[2])  # what torch's deepcopy does
+    decompose.save(copied, tmp_path / "m.pt", rep)
+    assert not parametrize.is_parametrized(copied[2])
+    assert parametrize.is_parametrized(model[2]) and model[2].weight.shape == (16, 16, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), want) and torch.equal(copied(x), want)
+    # and the other way round: baking the original leaves the copy working
+    other = copy.deepcopy(model)
+    bake_parametrizations_(model)
+    with torch.no_grad():
+        assert torch.equal(other(x), want)
+    assert parametrize.is_parametrized(other[2])
+
+
 def test_save_model_refuses_a_parametrized_model_in_one_line(tmp_path):
     with pytest.raises(decompose.DecomposeError, match="weight parametrization") as e:
         save_model(_model(), tmp_path / "m.pt")

@@ -61,6 +61,7 @@ def bake_parametrizations_(model: nn.Module) -> dict[str, list[str]]:
     for name in found:
         m = model.get_submodule(name)
         if parametrize.is_parametrized(m):
+            _own_class(m)
             for tensor in list(m.parametrizations.keys()):
                 parametrize.remove_parametrizations(m, tensor, leave_parametrized=True)
             _drop_compat_hooks(m)
@@ -71,6 +72,18 @@ def bake_parametrizations_(model: nn.Module) -> dict[str, list[str]]:
                 else:
                     torch.nn.utils.remove_spectral_norm(m, h.name)
     return found
+
+
+def _own_class(m: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations are removed.
+
+    ``parametrize`` makes one ``Parametrized<Cls>`` class per module, but ``copy.deepcopy``
+    gives the copy the *same* class, and ``remove_parametrizations`` deletes the tensor's
+    property from the class: baking a copy (``decompose.save(copy.deepcopy(model))``) would take
+    ``weight`` away from the original too, which then fails to run."""
+    cls = type(m)
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    m.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
 def _drop_compat_hooks(m: nn.Module) -> None:

@@ -442,6 +442,18 @@ def serialize(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _local_hook(model: nn.Module) -> str | None:
+    """``name (hook)`` of the first module holding a forward (pre-)hook that pickle cannot
+    reach by name (a function defined inside another), else None."""
+    for name, m in model.named_modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for h in hooks.values():
+                fn = getattr(h, "__func__", h)
+                if "<locals>" in getattr(fn, "__qualname__", ""):
+                    return f"{name or type(model).__name__} ({fn.__qualname__.rsplit('.', 1)[-1]})"
+    return None
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None,
                force: bool = False) -> Path:
     """Write ``model`` (whole module) plus ``meta`` (JSON-like) atomically, with a format version
@@ -463,6 +475,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] |
         payload["checksum"] = {"algorithm": ALGORITHM, "digest": model_digest(model, meta)}
         data = serialize(payload)
     except (pickle.PicklingError, AttributeError, TypeError, ValueError) as e:
+        hook = _local_hook(model)
+        if hook is not None:
+            raise DecomposeError(
+                f"cannot save this model: {hook} holds a hook that is a local function, which "
+                "cannot be pickled (transformers installs such hooks on the first forward of "
+                "models that capture hidden states); save its state_dict instead and rebuild "
+                "it with --arch") from None
         raise DecomposeError(f"cannot save this model ({_short(e)}); models with lambdas or local "
                              "classes cannot be pickled") from None
     except RuntimeError as e:

@@ -25,8 +25,10 @@
    more than about 0.5 GB. ``trust=True`` (``--trust``) runs the full unpickler with none of
    these limits.
 5. **Errors are one line**: a refused global is named as refused (never with PyTorch's advice to
-   set ``weights_only=False``), nesting too deep (``RecursionError``) and every other failure is
-   "truncated or corrupt".
+   set ``weights_only=False``), together with every other global the file needs and may not
+   have (:func:`unallowed_globals`, read statically), as ``--allow`` flags for classes and
+   ``--allow-function`` flags, apart, for functions; nesting too deep (``RecursionError``) and
+   every other failure is "truncated or corrupt".
 """
 
 from __future__ import annotations
@@ -67,7 +69,16 @@ DANGEROUS_MODULES = frozenset({
 })
 
 
+#: tensor-op namespaces inside a dangerous module: functions that only compute on tensors
+#: (``torch.nn.functional.gelu`` is ``torch._C._nn.gelu``, which transformers' GELUActivation
+#: keeps as an attribute). Not allowed by default: hinted and allowed with --allow-function.
+TENSOR_OP_MODULES = frozenset({"torch._C._nn", "torch._C._fft", "torch._C._linalg",
+                               "torch._C._special"})
+
+
 def _dangerous(module: str) -> bool:
+    if module in TENSOR_OP_MODULES:
+        return False
     return any(module == m or module.startswith(m + ".") for m in DANGEROUS_MODULES)
 
 
@@ -360,21 +371,188 @@ def _inner(msg: str) -> str:
 
 
 def refused(path: Path, name: str, why: str = "") -> DecomposeError:
-    """The message for a file that asks for something the safe loader does not allow."""
-    if "." not in name:  # PyTorch names builtins without their module
-        name = f"builtins.{name}"
-    mod, _, cls = name.rpartition(".")
-    if _dangerous(mod):
-        hint = ("; it would run code on loading: do not load this file (its author meant it to "
-                "run code here)")
-    else:
-        hint = (f"; if {name} is a class of your own code and you trust this file, pass "
-                f"--allow {mod}:{cls}")
-    return DecomposeError(f"refused {path}: it asks for {name}, which the safe loader does not "
-                          f"allow{why}{hint}")
+    """The message for a file that asks for ``name``, which the safe loader does not allow."""
+    return _refusal(path, [_split(name)], why)
 
 
-def _classify(path: Path, e: BaseException) -> DecomposeError:
+def _split(name: str) -> tuple[str, str]:
+    """``module.Name`` as PyTorch reports it -> (module, name); builtins come without module."""
+    if "." not in name:
+        return "builtins", name
+    mod, _, attr = name.rpartition(".")
+    return mod, attr
+
+
+#: standard modules whose import alone does something visible; never imported to classify
+_IMPORT_EFFECTS = frozenset({"antigravity", "this", "__hello__", "__phello__", "idlelib",
+                             "turtle", "turtledemo", "tkinter"})
+_MAX_HINTS = 30
+
+
+def _kind(module: str, name: str) -> tuple[str, str]:
+    """What ``module.name`` is, for the hint: ("dangerous" | "class" | "function" | "missing" |
+    "other", the ``MODULE:NAME`` to pass).
+
+    Telling a class from a function needs the object, so the module is imported, as ``--allow``
+    itself would: this runs code installed here, never code from the file. Modules that can run
+    arbitrary code (:data:`DANGEROUS_MODULES`) and standard modules whose import has visible
+    effects are never imported.
+    """
+    if _dangerous(module):
+        return "dangerous", f"{module}:{name}"
+    top = module.split(".")[0]
+    # a GLOBAL whose qualified name is split wrongly (PyTorch reports "a.b.Outer.Inner"): the
+    # module is the longest importable prefix
+    parts = (module + "." + name).split(".")
+    if top in _IMPORT_EFFECTS or not all(re.fullmatch(r"[A-Za-z_]\w*", x) for x in parts):
+        return "missing", f"{module}:{name}"
+    for cut in range(len(parts) - 1, 0, -1):
+        mod_name, attr = ".".join(parts[:cut]), parts[cut:]
+        if _dangerous(mod_name):
+            return "dangerous", f"{mod_name}:{'.'.join(attr)}"
+        try:
+            obj: Any = importlib.import_module(mod_name)
+        except (Exception, SystemExit):
+            continue
+        for a in attr:
+            obj = getattr(obj, a, None)
+        entry = f"{mod_name}:{'.'.join(attr)}"
+        if obj is None:
+            return "missing", entry
+        if inspect.isclass(obj):
+            return "class", entry
+        return ("function" if callable(obj) else "other"), entry
+    return "missing", f"{module}:{name}"
+
+
+def _refusal(path: Path, names: list[tuple[str, str]], why: str = "") -> DecomposeError:
+    """One line for every global the file needs and may not have: ``--allow`` for classes,
+    ``--allow-function`` for callables (named apart), what cannot be found here, and for a
+    global of a module that can run code, only the advice not to load the file."""
+    names = list(dict.fromkeys(names))
+    kinds = [(f"{m}.{n}", *_kind(m, n)) for m, n in names]
+    bad = [full for full, kind, _ in kinds if kind == "dangerous"]
+    if bad:
+        return DecomposeError(
+            f"refused {path}: it asks for {', '.join(bad[:5])}, which the safe loader does not "
+            f"allow{why}; it would run code on loading: do not load this file (its author meant "
+            "it to run code here)")
+    what = (f"it asks for {kinds[0][0]}, which the safe loader does not allow" if len(kinds) == 1
+            else f"it asks for {len(kinds)} globals the safe loader does not allow "
+                 f"({', '.join(full for full, _, _ in kinds[:_MAX_HINTS])}"
+                 f"{', ...' if len(kinds) > _MAX_HINTS else ''})")
+    by = {k: [entry for _, kind, entry in kinds if kind == k]
+          for k in ("class", "function", "missing", "other")}
+    hints = []
+    if by["class"]:
+        hints.append("if you trust this file, pass " + " ".join(
+            f"--allow {e}" for e in by["class"][:_MAX_HINTS]))
+    if by["function"]:
+        hints.append(f"for the function{'s' if len(by['function']) > 1 else ''} it names, "
+                     "only if you trust its author, also pass " + " ".join(
+                         f"--allow-function {e}" for e in by["function"][:_MAX_HINTS]))
+    if by["missing"]:
+        hints.append("not importable here (install or put on PYTHONPATH the code that defines "
+                     f"them, then pass --allow for classes): {', '.join(by['missing'][:10])}")
+    if by["other"]:
+        hints.append("not a class nor a function, which no flag allows: "
+                     + ", ".join(by["other"][:10]))
+    more = len(kinds) - _MAX_HINTS
+    if more > 0:
+        hints.append(f"{more} more not listed")
+    return DecomposeError(f"refused {path}: {what}{why}; " + "; ".join(hints))
+
+
+# ---------------------------------------------------------------------------- every global
+def _pickle_globals(f: Any, kind: str) -> list[tuple[str, str]] | None:
+    """Every (module, name) the pickle in ``f`` names with GLOBAL, in order, read statically
+    (nothing is unpickled); None when the file cannot be read this way."""
+    import io
+    import pickletools
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+    try:
+        f.seek(0)
+        if kind == "zip":
+            with zipfile.ZipFile(f) as zf:
+                pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")
+                       or i.filename == "data.pkl"]
+                if len(pkl) != 1:
+                    return None
+                streams = [io.BytesIO(zf.read(pkl[0]))]
+                count = 1
+        else:  # legacy: magic, protocol, sys_info, the object, storage keys; then raw bytes
+            streams, count = [f], 5
+        out: list[tuple[str, str]] = []
+        for stream in streams:
+            for _ in range(count):
+                for op, arg, _pos in pickletools.genops(stream):
+                    if op.name == "GLOBAL" and isinstance(arg, str) and " " in arg:
+                        mod, name = arg.split(" ", 1)
+                        # Python 2 names (protocol 2: __builtin__.set), as PyTorch maps them
+                        if (mod, name) in NAME_MAPPING:
+                            mod, name = NAME_MAPPING[(mod, name)]
+                        elif mod in IMPORT_MAPPING:
+                            mod = IMPORT_MAPPING[mod]
+                        out.append((mod, name))
+        return list(dict.fromkeys(out))
+    except Exception:  # noqa: BLE001 - a file this cannot parse: the first refusal is named
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            f.seek(0)
+
+
+def _allowed_names(allowed: list[Any]) -> set[str] | None:
+    """Global names the weights-only unpickler accepts: PyTorch's defaults and ``allowed``
+    (what :func:`safe_globals` registered)."""
+    try:
+        from torch import _weights_only_unpickler as wou
+        names = set(wou._get_allowed_globals())
+    except Exception:  # noqa: BLE001 - another PyTorch: the first refusal is named
+        return None
+    for g in allowed:
+        if isinstance(g, tuple):
+            names.add(g[1])
+        else:
+            names.add(f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}")
+            names.add(f"{getattr(g, '__module__', '')}.{getattr(g, '__name__', '')}")
+    return names
+
+
+def unallowed_globals(f: Any, kind: str, allowed: list[Any]) -> list[tuple[str, str]] | None:
+    """Every global of the file that ``allowed`` (a :func:`safe_globals` list) does not cover,
+    as (module, name), in the order the file names them; None when it cannot be told.
+
+    For zip files the set is :func:`torch.serialization.get_unsafe_globals_in_checkpoint`
+    (PyTorch >= 2.5), which reads the pickle statically but joins module and name with a dot;
+    the split comes from reading the GLOBAL opcodes here, which also covers legacy files.
+    """
+    found = _pickle_globals(f, kind)
+    if found is None:
+        return None
+    unsafe: set[str] | None = None
+    if kind == "zip" and hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        try:
+            f.seek(0)
+            with torch.serialization.safe_globals(allowed):
+                unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+        except Exception:  # noqa: BLE001 - fall back to the allowlist itself
+            unsafe = None
+        finally:
+            with contextlib.suppress(Exception):
+                f.seek(0)
+    if unsafe is None:
+        names = _allowed_names(allowed)
+        if names is None:
+            return None
+        return [(m, n) for m, n in found if f"{m}.{n}" not in names]
+    return [(m, n) for m, n in found if f"{m}.{n}" in unsafe]
+
+
+def _classify(path: Path, e: BaseException,
+              everything: list[tuple[str, str]] | None = None) -> DecomposeError:
+    """The one-line error for a failed weights-only load; ``everything``: the file's globals
+    the loader does not allow (:func:`unallowed_globals`), listed at once when known."""
     msg = str(e)
     inner = _inner(msg)
     if _REFUSED_MARK in msg:
@@ -385,7 +563,9 @@ def _classify(path: Path, e: BaseException) -> DecomposeError:
     for pattern in (_UNSUPPORTED, _BLOCKED):
         m = pattern.search(msg)
         if m:
-            return refused(path, m.group(1))
+            first = _split(m.group(1))
+            names = [first] + [g for g in (everything or []) if g != first]
+            return _refusal(path, names)
     for pattern, what in ((_REDUCE, "call"), (_NEWOBJ, "create"), (_BUILD, "build")):
         m = pattern.search(inner)
         if m:
@@ -427,8 +607,9 @@ def read_torch_file(path: str | os.PathLike, *, classes: Iterable[type] = (),
                 raise DecomposeError(f"{p} could not be loaded ({type(e).__name__}: "
                                      f"{_short(e)})") from None
         budget = load_budget(kind, tensor_bytes, pickle_bytes)
+        allowed = safe_globals(classes, functions)
         try:
-            with torch.serialization.safe_globals(safe_globals(classes, functions)), \
+            with torch.serialization.safe_globals(allowed), \
                     memory_bound(budget), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's notes about the file: errors say it
                 return torch.load(f, map_location="cpu", weights_only=True)
@@ -440,8 +621,12 @@ def read_torch_file(path: str | os.PathLike, *, classes: Iterable[type] = (),
                 f"far more than a {size / 2**20:.1f} MiB file of weights can hold; a hostile or "
                 "damaged file (DECOMPOSE_LOAD_LIMIT_MB raises the limit)") from None
         except (Exception, SystemExit) as e:
-            raise _classify(p, e) from None
+            everything = None
+            if _UNSUPPORTED.search(str(e)) or _BLOCKED.search(str(e)):
+                everything = unallowed_globals(f, kind, allowed)
+            raise _classify(p, e, everything) from None
 
 
-__all__ = ["DANGEROUS_MODULES", "allowed_classes", "allowed_functions", "allowlist",
-           "load_budget", "memory_bound", "read_torch_file", "refused", "safe_globals"]
+__all__ = ["DANGEROUS_MODULES", "TENSOR_OP_MODULES", "allowed_classes", "allowed_functions", "allowlist",
+           "load_budget", "memory_bound", "read_torch_file", "refused", "safe_globals",
+           "unallowed_globals"]
