@@ -509,6 +509,37 @@ def test_a_nan_loss_stops_fine_tuning_in_one_line(tmp_path):
         finetune(_NaNWhileTraining(), data, data, config=cfg, progress=False)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "c").exists()  # no epoch finished: nothing claims to be one
+    assert "--fold-bn" in str(e.value)  # no normalization layer: the likely cause is named
+
+
+def test_a_nan_loss_with_batchnorm_does_not_blame_folding(tmp_path, capsys):
+    from torch.utils.data import TensorDataset
+
+    from decompose.recover.finetune import FinetuneConfig, finetune
+    net = _NaNWhileTraining()
+    net.conv = nn.Sequential(net.conv, nn.BatchNorm2d(4))
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 5)
+    cfg = FinetuneConfig(epochs=1, batch_size=8, device="cpu", checkpoint=str(tmp_path / "c"),
+                         log=str(tmp_path / "l"))
+    with pytest.raises(DecomposeError, match="training loss became nan") as e:
+        finetune(net, data, data, config=cfg, progress=False)
+    assert "--fold-bn" not in str(e.value)
+
+
+def test_a_folded_student_of_a_batchnorm_teacher_gets_a_note(capsys):
+    from torch.utils.data import TensorDataset
+
+    from decompose.engine.fold import fold_bn_
+    from decompose.recover.finetune import FinetuneConfig, finetune
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    import copy
+    student = copy.deepcopy(teacher)
+    fold_bn_(student, (3, 8, 8))
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 5)
+    finetune(student, data, data, teacher=teacher, config=FinetuneConfig(
+        epochs=1, batch_size=8, device="cpu"), progress=True)
+    assert "no normalization layers but its teacher does" in capsys.readouterr().err
 
 
 def test_an_npz_too_big_for_memory_is_refused_before_reading(npz, monkeypatch):
