@@ -180,6 +180,46 @@ def _pct(v):
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def _latency_budget_section() -> list[str]:
+    """The ``--method auto --target-latency 0.7`` run (experiments/auto_latency.py)."""
+    path = RESULTS / "auto_latency_resnet56.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    p, t = d["plan"], d["plan"]["totals"]
+    lp = p["latency_plan"]
+    out = ["## resnet56, `--method auto --target-latency 0.7`", "",
+           "Commands: the docstring of `experiments/auto_latency.py` (the CLI run, "
+           "`experiments/finetune_resnet.py --decomposed`, then the clock). The planner timed "
+           f"every option of every method (batch {lp['batch_size']}, {lp['threads']} thread, "
+           f"channels_last) and predicted {lp['predicted_fraction']:.3f} of the original's "
+           f"{lp['whole_ms']:.1f} ms; layers chosen: " + ", ".join(
+               f"{m} {n}" for m, n in sorted(p["methods"].items())) +
+           f"; MACs x{t['macs_after'] / t['macs_before']:.3f}, params "
+           f"x{t['params_after'] / t['params_before']:.3f}.", "",
+           "| model (10,000 test JPEGs) | top-1 |", "|---|---|",
+           f"| original, as shipped | {100 * d['teacher']['top1']:.2f} |",
+           f"| auto at latency 0.7, calibrated on {p['calibration']['samples']} images | "
+           f"{100 * d['before']['top1']:.2f} |",
+           f"| the same, fine-tuned {d['epochs']} epochs on {d['train_images']} images | "
+           f"**{100 * d['after']['top1']:.2f}** |",
+           f"| original fine-tuned the same way (control, docs/finetune.md) | "
+           f"{d['control_top1_recorded']:.2f} |", ""]
+    sp = d.get("speed")
+    if sp:
+        out += ["Measured whole model, 1 thread, median of interleaved rounds "
+                "(`python experiments/auto_latency.py`):", "",
+                "| batch | original ms | original channels_last ms | planned ms | "
+                "fraction of original cl | fraction of original |", "|---|---|---|---|---|---|"]
+        for b in ("b1", "b64"):
+            v = sp[b]
+            out.append(f"| {b[1:]} | {v['original_ms']:.2f} | {v['original_cl_ms']:.2f} | "
+                       f"{v['planned_ms']:.2f} | {v['fraction_of_original_cl']:.3f} | "
+                       f"{v['fraction_of_original']:.3f} |")
+        out.append("")
+    return out
+
+
 def write_doc() -> None:
     lines = ["# Results: every method at equal multiply-adds", "",
              "Written by `python experiments/methods_table.py --write` from "
@@ -219,6 +259,7 @@ def write_doc() -> None:
                 f"{r['method']} {r['target']:g}: " + ", ".join(
                     f"{m} {n}" for m, n in r["methods"].items()) for r in auto)]
         lines.append("")
+    lines += _latency_budget_section()
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")
 
