@@ -267,6 +267,14 @@ def render_table(r: Report) -> str:
                          f"{_speed(lat['speedup_same_layout'])}: that part is decoupling's")
     if r.fold is not None:
         lines.append(_fold_line(r.fold))
+    lp_ = r.latency_plan or {}
+    if lp_.get("target_latency") is not None and lp_.get("measured_fraction") is not None:
+        rounds = ", ".join(f"{f:.3f}" for f in lp_["measured_rounds"])
+        verdict = "met" if lp_["met"] else "NOT met (the closest plan found is kept)"
+        lines.append(f"budget  --target-latency {lp_['target_latency']:g} {verdict}: the whole "
+                     f"planned model measured {lp_['measured_fraction']:.3f} of the original at "
+                     f"batch {lp_['batch_size']} (rounds {rounds}; the per-layer sum predicted "
+                     f"{lp_['predicted_fraction']:.3f})")
     if r.output_check:
         c = r.output_check
         lines.append(f"checked the model runs: outputs {c['outputs']} on a random batch of "

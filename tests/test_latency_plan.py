@@ -17,6 +17,7 @@ from decompose.engine.trace import count_macs, param_count
 from decompose.errors import DecomposeError
 from decompose.methods.nd.forms import form_name
 from decompose.methods.nd.layers import decoupled_order, decoupled_rank, is_decoupled
+from decompose.planning import timing
 
 SHAPE = (8, 12, 12)
 
@@ -187,6 +188,51 @@ def test_target_latency_is_met_and_beats_uniform_choices(form):
             met += 1
             assert _sq_error(u) >= best - 1e-9
     assert met > 0
+
+
+def _fake_sum(model: nn.Module) -> float:
+    """What ``fake()``'s per-layer costs add up to for a built model: 60 ms outside a-d."""
+    fn, total = fake(), 60.0
+    for name in ("a", "b", "c", "d"):
+        m = getattr(model, name)
+        total += 10.0 if not is_decoupled(m) else fn(
+            name, f"nd/{decoupled_order(m)}/T{decoupled_rank(m)}/{form_name(m)}", m, None)
+    return total
+
+
+def test_target_latency_is_checked_on_the_whole_model_and_tightened(monkeypatch):
+    """The whole planned model runs 5 ms slower than the per-layer sum predicts (what happens
+    between layers): the plan is timed whole and the budget cut until it meets the target."""
+    seen = []
+    slower = [5.0]
+
+    def whole(self, planned):  # the whole-model clock, faked like the per-layer one
+        seen.append((_fake_sum(planned) + slower[0]) / 100.0)
+        return seen[-1]
+    monkeypatch.setattr(timing.LayerTimer, "planned_fraction", whole)
+    rep = decompose.plan(net(), target_latency=0.9, form="fastest", input_shape=SHAPE,
+                         latency_fn=fake())
+    info = rep.latency_plan
+    assert info["measured_rounds"] == pytest.approx(seen)
+    assert len(seen) >= 2 and seen[0] > 0.91  # the first plan was over: tightened
+    assert seen[-1] <= 0.91 and info["met"] is True
+    assert info["measured_fraction"] == pytest.approx(seen[-1])
+    assert info["predicted_ms"] == pytest.approx(100.0 * seen[-1] - 5.0)  # the plan kept
+    # out of reach (20 ms over every prediction; the fastest plan sums to 76 ms): the fastest
+    # plan is kept and the report says the target was not met
+    seen.clear()
+    slower[0] = 20.0
+    rep = decompose.plan(net(), target_latency=0.8, form="fastest", input_shape=SHAPE,
+                         latency_fn=fake())
+    info = rep.latency_plan
+    assert info["met"] is False and info["predicted_ms"] == pytest.approx(76.0)
+    assert info["measured_fraction"] == pytest.approx(0.96)
+    assert "NOT met" in decompose.report.render_table(rep)
+    # an injected latency_fn alone is not checked whole: the prediction, as before
+    monkeypatch.undo()
+    rep = decompose.plan(net(), target_latency=0.8, form="fastest", input_shape=SHAPE,
+                         latency_fn=fake())
+    assert "measured_fraction" not in rep.latency_plan
 
 
 def test_target_latency_unreachable_says_the_best_fraction():
