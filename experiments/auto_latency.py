@@ -14,6 +14,12 @@ experiments/results/auto_latency_resnet56.json (which the second step's result s
         --budget-minutes 120 --workdir /tmp/ft-lat07
     python experiments/auto_latency.py          # on a quiet machine: times the planned model
 
+The planner now checks its plan on the whole model (docs/speed.md); the same CLI command with
+`-o out/r56-auto-lat07-v.pt --json > out/r56-auto-lat07-v.json`, then
+
+    python experiments/auto_latency.py --model out/r56-auto-lat07-v.pt --key checked \
+        --report out/r56-auto-lat07-v.json
+
 The planner times every option of every method on this machine (batch 64, 1 thread,
 channels_last) and keeps the plan whose predicted whole-model time is 0.7 of the original's.
 This script checks that prediction with the whole model: the planned file against the original
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -43,6 +50,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(ROOT / "out" / "r56-auto-lat07.pt"))
     ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--key", default="speed",
+                    help="where the timings go in the JSON: 'speed' (the fine-tuned plan) or "
+                         "'checked' (a plan made with the whole-model check, whose --json report "
+                         "--report names)")
+    ap.add_argument("--report", default=None, help="the CLI's --json report of --model")
     args = ap.parse_args()
     torch.set_num_threads(1)
     original = load_resnet56().eval()
@@ -65,8 +77,14 @@ def main() -> None:
               f"{ms['original_cl']:.2f} ms, planned {ms['planned']:.2f} ms = "
               f"{ms['planned'] / ms['original_cl']:.3f} of the original laid out channels_last, "
               f"{ms['planned'] / ms['original']:.3f} of it in NCHW", flush=True)
-    data["speed"] = {**speed, "threads": 1, "repeats": args.repeats,
-                     "allocator": allocator_settings(), "input": "random N(0,1), NCHW"}
+    entry = {**speed, "threads": 1, "repeats": args.repeats,
+             "allocator": allocator_settings(), "input": "random N(0,1), NCHW"}
+    if args.report:
+        rep = json.loads(Path(args.report).read_text())
+        entry.update({k: rep[k] for k in ("totals", "accuracy", "latency_plan")},
+                     methods=dict(Counter(lp["method"] for lp in rep["layers"]
+                                          if not lp.get("skipped"))))
+    data[args.key] = entry
     RESULT.write_text(json.dumps(data, indent=1))
     print(f"wrote {RESULT}")
 

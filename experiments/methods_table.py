@@ -226,6 +226,31 @@ def _latency_budget_section() -> list[str]:
                        f"{v['planned_ms']:.2f} | {v['fraction_of_original_cl']:.3f} | "
                        f"{v['fraction_of_original']:.3f} |")
         out.append("")
+    ck = d.get("checked")
+    if ck:
+        clp = ck["latency_plan"]
+        chosen = ", ".join(f"{m} {n}" for m, n in sorted(ck["methods"].items()))
+        rounds = ", ".join(f"{f:.3f}" for f in clp["measured_rounds"])
+        out += ["With the planner's whole-model check (the same command, after it was added: "
+                "docs/speed.md): measured "
+                f"{rounds} in its rounds ({'met' if clp['met'] else 'not met'}); layers {chosen}; "
+                f"top-1 after calibration {100 * d['teacher']['top1'] - ck['accuracy']['drop_top1']:.2f}% "
+                f"({ck['accuracy']['drop_top1']:.2f} below the original). Timed again alone "
+                "(`python experiments/auto_latency.py --key checked`): " + "; ".join(
+                    f"batch {b[1:]} {ck[b]['fraction_of_original_cl']:.3f} of the original laid "
+                    f"out channels_last ({ck[b]['fraction_of_original']:.3f} of it in NCHW)"
+                    for b in ("b1", "b64")) + ". Not fine-tuned."]
+        nu = d.get("checked_no_unmap")
+        if nu:
+            out[-1] += (" Most of the gap to the planner's 0.697 is the memory allocator (glibc "
+                        "raises its mmap threshold as a long-running process frees large blocks, "
+                        "as the planner's had; a fresh process starts low). With it raised from "
+                        "the start (" + ", ".join(
+                            f"{k}={v}" for k, v in nu["allocator"].items()) + "): " + "; ".join(
+                            f"batch {b[1:]} {nu[b]['fraction_of_original_cl']:.3f} "
+                            f"({nu[b]['fraction_of_original']:.3f} of the NCHW original)"
+                            for b in ("b1", "b64")) + " (docs/speed.md: the allocator).")
+        out.append("")
     return out
 
 
