@@ -239,7 +239,12 @@ def _latency_budget_section() -> list[str]:
                 "(`python experiments/auto_latency.py --key checked`): " + "; ".join(
                     f"batch {b[1:]} {ck[b]['fraction_of_original_cl']:.3f} of the original laid "
                     f"out channels_last ({ck[b]['fraction_of_original']:.3f} of it in NCHW)"
-                    for b in ("b1", "b64")) + ". Not fine-tuned."]
+                    for b in ("b1", "b64")) + "."]
+        if ck.get("finetuned"):
+            ft = ck["finetuned"]
+            out[-1] += (f" Fine-tuned the same way ({ft['epochs']} epochs on {ft['train_images']} "
+                        f"images): {100 * ft['after']['top1']:.2f}% (control "
+                        f"{d['control_top1_recorded']:.2f}%).")
         nu = d.get("checked_no_unmap")
         if nu:
             out[-1] += (" Most of the gap to the planner's 0.697 is the memory allocator (glibc "
