@@ -270,7 +270,7 @@ def render_table(r: Report) -> str:
     lp_ = r.latency_plan or {}
     if lp_.get("target_latency") is not None and lp_.get("measured_fraction") is not None:
         rounds = ", ".join(f"{f:.3f}" for f in lp_["measured_rounds"])
-        verdict = "met" if lp_["met"] else "NOT met (the closest plan found is kept)"
+        verdict = "met" if lp_["met"] else "NOT met (the last, tightest plan tried is kept)"
         lines.append(f"budget  --target-latency {lp_['target_latency']:g} {verdict}: the whole "
                      f"planned model measured {lp_['measured_fraction']:.3f} of the original at "
                      f"batch {lp_['batch_size']} (rounds {rounds}; the per-layer sum predicted "

@@ -34,6 +34,7 @@ measured fraction of every round.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,7 @@ from torch import nn
 from .. import methods as registry
 from ..config import DecomposeConfig
 from ..engine.layout import is_channels_last, to_channels_last_
+from ..engine.surgery import replace_module
 from ..engine.trace import calls_for, capture_inputs
 from ..errors import BudgetError
 from ..measure.clock import Timer, allocator_settings, compare_latency, speedups
@@ -303,15 +305,13 @@ def latency_budget(model: nn.Module, budgeted: list, config: DecomposeConfig,
 
 
 def _planned_model(model: nn.Module, budgeted: list, layers: list, choice: list) -> nn.Module:
-    """A copy of ``model`` with every budgeted conv replaced by its chosen option's module."""
-    import copy
+    """A copy of ``model`` with every budgeted conv replaced by its chosen option's module
+    (the built, formed module the option was timed as: the payload's last item)."""
     planned = copy.deepcopy(model)
     for (lp, _), opts, j in zip(budgeted, layers, choice):
         payload = opts[j].payload
         if payload is not None:
-            parent, _, child = lp.name.rpartition(".")
-            setattr(planned.get_submodule(parent) if parent else planned, child,
-                    copy.deepcopy(payload[-1]))
+            replace_module(planned, lp.name, copy.deepcopy(payload[-1]))
     if is_channels_last(model):
         to_channels_last_(planned)  # as decompose_ lays out the model it builds
     return planned.eval()

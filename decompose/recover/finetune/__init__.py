@@ -45,7 +45,7 @@ from ._distributed import distributed_env, init_distributed, resolve_device, shu
 from ._train_form import dense_training
 from .checks import _check_classes, _check_labels, _dataset_of, _probe, _subset
 from .config import RESUME_MAY_CHANGE, FinetuneConfig
-from .loop import _Run, check_outputs, distillation_loss, has_normalization
+from .loop import FOLDED_BN_HINT, _Run, check_outputs, distillation_loss, has_normalization
 from .result import FinetuneInterrupted, FinetuneReport, FinetuneResult
 
 __all__ = ["FinetuneConfig", "FinetuneInterrupted", "FinetuneReport", "FinetuneResult",
@@ -119,9 +119,8 @@ def finetune(model: nn.Module, train_loader: Any, val_loader: Any, *,
     if (progress and d.main and teacher is not None and has_normalization(teacher)
             and not has_normalization(model)):
         print("note: the model has no normalization layers but its teacher does (were its "
-              "BatchNorms folded with --fold-bn?); without them training can diverge: fine-tune "
-              "the model decomposed without --fold-bn and fold afterwards "
-              "(decompose.engine.fold.fold_bn_)", file=sys.stderr)
+              "BatchNorms folded with --fold-bn?); without them training can diverge: "
+              f"{FOLDED_BN_HINT}", file=sys.stderr)
     run = _Run(model, teacher, cfg, w, d, device, train_ds, val_ds, train_loader, val_loader,
                None if output is None else str(output), output_meta, progress and d.main)
     t0 = time.time()

@@ -36,6 +36,9 @@ from .result import FinetuneInterrupted, FinetuneResult
 
 # ------------------------------------------------------------------------------------ pieces
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+#: what to do about a model trained without its (folded) BatchNorms; said up front and on NaN
+FOLDED_BN_HINT = ("fine-tune the model decomposed without --fold-bn and fold afterwards "
+                  "(decompose.engine.fold.fold_bn_)")
 
 
 def has_normalization(model: nn.Module) -> bool:
@@ -259,9 +262,8 @@ class _Run:
                                                                             cfg.temperature)
                 value = loss.item()
                 if not math.isfinite(value):
-                    why = ("; it has no normalization layers: if its BatchNorms were folded "
-                           "(--fold-bn), fine-tune the model decomposed without --fold-bn and "
-                           "fold afterwards (decompose.engine.fold.fold_bn_)" if not has_normalization(self.net) else "")
+                    why = ("" if has_normalization(self.net) else "; it has no normalization "
+                           f"layers: if its BatchNorms were folded (--fold-bn), {FOLDED_BN_HINT}")
                     raise DecomposeError(
                         f"the training loss became {value} at epoch {epoch + 1}, batch "
                         f"{self.step + 1}; lower --lr (now {cfg.lr:g}), or check the data and "
